@@ -1,0 +1,90 @@
+"""Shared test helpers: hypothesis strategies over small LCKV configurations, float64 models."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from lckv_mini.model import LCKVConfig, LCKVModel, make_layer_types
+
+settings.register_profile(
+    "default", deadline=None, max_examples=int(os.environ.get("LCKV_EXAMPLES", 100)),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("default")
+
+FAMILIES = ("standard", "lckv", "cla", "yoco", "random")
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@st.composite
+def layer_types(draw, n_layer: int, family: str):
+    """A valid layer_types string of the given family for n_layer layers."""
+    if family == "lckv":
+        w = draw(st.sampled_from([w for w in range(0, n_layer + 1, 2)]))
+        return make_layer_types("lckv", n_layer, warmup=w)
+    if family == "cla":
+        return make_layer_types("cla", n_layer, group=draw(st.integers(1, 3)))
+    if family == "yoco":
+        return make_layer_types("yoco", max(n_layer, 2))
+    if family == "standard":
+        return make_layer_types("standard", n_layer)
+    # random: any set of KV-computing layers; every other layer reads one of them, above or below
+    computes = draw(st.lists(st.booleans(), min_size=n_layer, max_size=n_layer))
+    if not any(computes):
+        computes[draw(st.integers(0, n_layer - 1))] = True
+    kv = [i for i, c in enumerate(computes) if c]
+    parts = []
+    for i, c in enumerate(computes):
+        src = i if c else draw(st.sampled_from(kv))
+        parts.append(f"{src}{'s' if draw(st.booleans()) else ''}")
+    return "_".join(parts)
+
+
+@st.composite
+def configs(draw, families=FAMILIES, max_layers: int = 5, **overrides):
+    family = draw(st.sampled_from(families))
+    n_layer = draw(st.integers(2 if family == "yoco" else 1, max_layers))
+    n_kv_head = draw(st.sampled_from([1, 2]))
+    n_head = n_kv_head * draw(st.sampled_from([1, 2]))
+    head_dim = draw(st.sampled_from([2, 4, 8]))
+    fields = dict(vocab_size=draw(st.integers(5, 40)), n_layer=n_layer, n_head=n_head,
+                  n_kv_head=n_kv_head, n_embd=n_head * head_dim,
+                  intermediate_size=draw(st.integers(4, 24)), block_size=16,
+                  layer_types=draw(layer_types(n_layer, family)),
+                  sliding_window=draw(st.integers(1, 4)),
+                  tie_embeddings=draw(st.booleans()))
+    fields.update(overrides)
+    return LCKVConfig(**fields)
+
+
+def random_model(config: LCKVConfig, seed: int, std: float = 0.3) -> LCKVModel:
+    """A float64 model with every parameter (norms included) drawn at a scale where each layer
+    visibly changes the result: small init would let a wrong mask hide under the tolerance."""
+    torch.manual_seed(seed)
+    model = LCKVModel(config).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+def random_tokens(config: LCKVConfig, batch: int, T: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (batch, T), generator=g)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def shared_data():
+    path = os.path.abspath(SHARED)
+    if not os.path.isdir(path):
+        pytest.skip("../shared/data is not present")
+    return path

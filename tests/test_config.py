@@ -1,0 +1,87 @@
+"""Layer layouts and the clear errors for bad configurations."""
+
+import pytest
+
+from lckv_mini.model import LCKVConfig, LCKVModel, make_layer_types
+
+BASE = dict(vocab_size=10, n_layer=4, n_head=2, n_kv_head=1, n_embd=8, intermediate_size=8,
+            block_size=8)
+
+
+def test_layout_builders():
+    assert make_layer_types("standard", 4) == "0_1_2_3"
+    assert make_layer_types("lckv", 8, warmup=2) == "0_6_6_6_6_6_6_7"  # the paper's sandwich
+    assert make_layer_types("lckv", 8, warmup=0) == "7_7_7_7_7_7_7_7"
+    assert make_layer_types("lckv", 8, warmup=4) == "0_1_5_5_5_5_6_7"
+    assert make_layer_types("lckv", 4, warmup=4) == "0_1_2_3"
+    assert make_layer_types("cla", 5, group=2) == "0_0_2_2_4"
+    assert make_layer_types("yoco", 6) == "0s_1s_2s_2_2_2"
+
+
+def test_layer_types_forms_and_derived_fields():
+    a = LCKVConfig(**BASE, layer_types="0_3_3_3s", sliding_window=2)
+    b = LCKVConfig(**BASE, layer_types=[0, 3, 3, "3s"], sliding_window=2)
+    assert a.layer_types == b.layer_types == "0_3_3_3s"
+    assert a.kv_sources == (0, 3, 3, 3)
+    assert a.sliding_layers == (False, False, False, True)
+    assert a.kv_layers == (0, 3)
+    assert a.iteration_block == (1, 3)
+    assert LCKVConfig(**BASE).layer_types == "0_1_2_3"
+    assert LCKVConfig(**BASE).iteration_block is None
+
+
+def test_reading_layers_have_no_kv_weights():
+    model = LCKVModel(LCKVConfig(**BASE, layer_types="0_3_3_3"))
+    names = {n for n, _ in model.named_parameters()}
+    for i, has_kv in enumerate([True, False, False, True]):
+        assert (f"model.layers.{i}.self_attn.k_proj.weight" in names) == has_kv
+        assert (f"model.layers.{i}.self_attn.v_proj.weight" in names) == has_kv
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(layer_types="0_1_2"), "describes 3 layers but n_layer=4"),
+    (dict(layer_types="0_1_2_4"), "out of range"),
+    (dict(layer_types="0_x_2_3"), "expected a layer index"),
+    (dict(layer_types="0_1_2_-1"), "expected a layer index"),
+    (dict(layer_types="0__2_3"), "expected a layer index"),
+    (dict(layer_types="2_3_3_3"), "layer 2 computes no KVs"),
+    (dict(layer_types="0_1_2_3s"), "sliding_window"),
+    (dict(n_head=3, n_kv_head=1, n_embd=9), "even for RoPE"),
+    (dict(n_head=3, n_kv_head=2, n_embd=12), "not divisible by n_kv_head"),
+    (dict(n_embd=9), "not divisible by n_head"),
+    (dict(n_layer=0), "n_layer must be a positive integer"),
+    (dict(vocab_size=-1), "vocab_size must be a positive integer"),
+    (dict(block_size=0), "block_size must be a positive integer"),
+    (dict(forward_passes=-1), "forward_passes"),
+    (dict(backward_passes=0), "backward_passes"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_bad_config_raises_clear_error(changes, message):
+    with pytest.raises(ValueError, match=message):
+        LCKVConfig(**{**BASE, **changes})
+
+
+@pytest.mark.parametrize("kind, kw, message", [
+    ("lckv", dict(warmup=3), "must be even"),
+    ("lckv", dict(warmup=6), "must be even and in"),
+    ("cla", dict(group=0), "group size"),
+    ("mla", {}, "unknown layer layout"),
+])
+def test_bad_layout_request_raises(kind, kw, message):
+    with pytest.raises(ValueError, match=message):
+        make_layer_types(kind, 4, **kw)
+
+
+def test_bad_model_input_raises_clear_error():
+    import torch
+    model = LCKVModel(LCKVConfig(**BASE))
+    with pytest.raises(ValueError, match="exceeds block_size=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="token id 10 is out of range for vocab_size=10"):
+        model(torch.tensor([[1, 10]]))
+    with pytest.raises(ValueError, match="token id -1 is out of range"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="shape \\(batch, time\\)"):
+        model(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="mode must be"):
+        model(torch.tensor([[1, 2]]), mode="fast")
