@@ -1,0 +1,251 @@
+"""Inference: the condensed KV cache, prompt encoding, sampling and decoding, with streaming.
+
+The cache holds only the layers that compute KVs (`config.kv_layers`): L layers for a standard
+model, w+1 for LCKV with w warmup layers. That is the whole memory saving of the paper (Sec. 3).
+After the prompt, one decode step is one pass over the layers: a layer reading from above sees
+the cached KVs of earlier tokens only (the masked diagonal), so nothing is iterated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .model import LCKVConfig, LCKVModel, apply_rope
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+
+
+def cache_bytes(config: LCKVConfig, batch_size: int, length: int, dtype=torch.float32) -> int:
+    """Bytes of a KVCache for `length` tokens, computed without allocating anything:
+    kv layers x 2 (k and v) x n_kv_head x head_dim x length x batch x element size."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return (len(config.kv_layers) * 2 * config.n_kv_head * config.head_dim * length * batch_size
+            * element)
+
+
+class KVCache:
+    """Preallocated keys and values of the KV-computing layers.
+
+    Contract: `write(layer, k, v)` appends k, v (B, n_kv_head, T, head_dim) after the tokens the
+    layer already holds; `read(layer)` returns everything it holds; `seq_len` is the number of
+    tokens all layers hold. Keys are stored rotated (RoPE) at their position in the cache.
+
+    Streaming (StreamingLLM, Sec. 3.4): with `sink_size`, the cache keeps the first `sink_size`
+    tokens plus the most recent ones; `evict(n)` drops the n oldest non-sink tokens, shifting the
+    rest down and re-rotating their keys by -n, so every key is rotated by its slot in the cache,
+    not its position in the text.
+    """
+
+    def __init__(self, config: LCKVConfig, batch_size: int, capacity: int, *, dtype=torch.float32,
+                 device=None, sink_size: int | None = None):
+        if capacity <= 0 or batch_size <= 0:
+            raise ValueError(f"cache needs a positive capacity and batch, got {capacity}, "
+                             f"{batch_size}")
+        if sink_size is not None and not 0 <= sink_size < capacity:
+            raise ValueError(f"sink_size={sink_size} must be in [0, capacity={capacity})")
+        self.layers = config.kv_layers
+        self.capacity, self.sink_size = capacity, sink_size
+        self.shape = (batch_size, config.n_kv_head, capacity, config.head_dim)
+        self.k = {j: torch.zeros(self.shape, dtype=dtype, device=device) for j in self.layers}
+        self.v = {j: torch.zeros(self.shape, dtype=dtype, device=device) for j in self.layers}
+        self.length = {j: 0 for j in self.layers}
+
+    @property
+    def seq_len(self) -> int:
+        return min(self.length.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        B, H, C, D = self.shape
+        T, start = k.size(2), self.length[layer]
+        if k.shape != (B, H, T, D) or v.shape != k.shape:
+            raise ValueError(f"layer {layer}: cache holds (B, n_kv_head, T, head_dim) = "
+                             f"{(B, H, 'T', D)}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if start + T > C:
+            raise ValueError(f"layer {layer}: writing {T} tokens after {start} overflows the "
+                             f"cache capacity {C}")
+        self.k[layer][:, :, start:start + T] = k
+        self.v[layer][:, :, start:start + T] = v
+        self.length[layer] = start + T
+
+    def read(self, layer: int) -> tuple[Tensor, Tensor]:
+        n = self.length[layer]
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+
+    def evict(self, n: int, cos: Tensor, sin: Tensor) -> None:
+        """Drop the n oldest tokens after the sinks. cos, sin (hs,): the RoPE angle of n positions."""
+        s = self.sink_size or 0
+        for j in self.layers:
+            end = self.length[j]
+            if end - n < s:
+                raise ValueError(f"cannot evict {n} of {end - s} non-sink tokens")
+            kept_k = self.k[j][:, :, s + n:end].clone()
+            self.k[j][:, :, s:end - n] = apply_rope(kept_k, cos, -sin)  # rotate back by n slots
+            self.v[j][:, :, s:end - n] = self.v[j][:, :, s + n:end].clone()
+            self.length[j] = end - n
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: small pure functions
+
+
+def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None) -> Tensor:
+    """(B, V) logits -> (B, V) probabilities after temperature, top-k and top-p (nucleus)."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None:
+        # Keep the smallest set of most likely tokens whose total probability reaches top_p:
+        # a token stays if the probability of the tokens ranked above it is still below top_p.
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        above = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, above >= top_p)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """(B, V) logits -> (B, 1) token ids; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt encoding and decoding
+
+ADAPTIVE_TOL = 1e-5  # largest KV change between two passes at which adaptive prefill stops
+
+
+@torch.no_grad()
+def encode_prompt(model: LCKVModel, idx: Tensor, cache: KVCache, mode: str = "parallel",
+                  tol: float = ADAPTIVE_TOL) -> tuple[Tensor, int]:
+    """Encode the prompt idx (B, P) into an empty cache; returns (logits of the last token (B, V),
+    passes used).
+
+    "parallel": the paper's iteration with m + b passes (exact when m + b >= P, Theorem 1).
+    "sequential": token by token (P steps). "adaptive": iterate until no cached KV changes by
+    more than `tol` between two passes, at most m + b passes.
+    """
+    c = model.config
+    if mode == "sequential":
+        for t in range(idx.size(1)):
+            h = model.step(idx[:, t:t + 1], cache)
+        passes = idx.size(1)
+    elif mode in ("parallel", "adaptive"):
+        x = model.model.embed_tokens(idx)
+        h, kv, passes = model.forward_parallel(x, c.forward_passes, c.backward_passes,
+                                               tol=tol if mode == "adaptive" else None)
+        for j in c.kv_layers:
+            cache.write(j, *kv[j])
+    else:
+        raise ValueError(f"prefill must be 'parallel', 'sequential' or 'adaptive', got {mode!r}")
+    return model._head(h[:, -1:], None)[0][:, -1], passes
+
+
+@torch.no_grad()
+def decode_one_token(model: LCKVModel, token: Tensor, cache: KVCache) -> Tensor:
+    """One step: token (B, 1) -> logits (B, V) of the next token; one pass over the layers."""
+    return model._head(model.step(token, cache), None)[0][:, -1]
+
+
+@torch.no_grad()
+def generate_stream(model: LCKVModel, idx: Tensor, max_new_tokens: int, *,
+                    temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, generator: torch.Generator | None = None,
+                    prefill: str = "parallel", stop_tokens=None, sink_size: int | None = None,
+                    window_size: int | None = None, tol: float = ADAPTIVE_TOL):
+    """Yield (next tokens (B, 1), the logits they were sampled from (B, V)) one step at a time.
+    See `generate` for the arguments."""
+    c = model.config
+    model.check_input(idx)
+    B, P = idx.shape
+    if P == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
+    streaming = sink_size is not None or window_size is not None
+    if streaming:
+        if sink_size is None or window_size is None or sink_size < 0 or window_size < 1:
+            raise ValueError("streaming needs both sink_size >= 0 and window_size >= 1, got "
+                             f"sink_size={sink_size}, window_size={window_size}")
+        capacity = sink_size + window_size
+        if capacity > c.block_size:
+            raise ValueError(f"sink_size + window_size = {capacity} exceeds block_size="
+                             f"{c.block_size}")
+        if P > capacity:
+            raise ValueError(f"prompt of {P} tokens does not fit the streaming cache of "
+                             f"sink_size + window_size = {capacity} tokens")
+    else:
+        capacity = P + max_new_tokens
+        if capacity > c.block_size:
+            raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) = {capacity} "
+                             f"exceeds block_size={c.block_size}; use sink_size and window_size "
+                             "to stream past it")
+    stop = torch.tensor(sorted(set(stop_tokens or ())), dtype=idx.dtype, device=idx.device)
+    param = model.lm_head.weight
+    cache = KVCache(c, B, capacity, dtype=param.dtype, device=param.device,
+                    sink_size=sink_size if streaming else None)
+    logits, _ = encode_prompt(model, idx, cache, prefill, tol)
+    done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
+    token = idx[:, -1:]
+    for i in range(max_new_tokens):
+        # a finished row repeats the stop token it produced
+        token = torch.where(done, token, sample(logits, temperature, top_k, top_p, generator))
+        if len(stop):
+            done |= torch.isin(token, stop)
+        yield token, logits
+        if i == max_new_tokens - 1 or bool(done.all()):
+            return
+        if cache.seq_len == capacity:  # streaming: make room for one more token
+            cache.evict(1, model.rope_cos[1].to(param.dtype), model.rope_sin[1].to(param.dtype))
+        logits = decode_one_token(model, token, cache)
+
+
+@torch.no_grad()
+def generate(model: LCKVModel, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None, prefill: str = "parallel",
+             stop_tokens=None, sink_size: int | None = None, window_size: int | None = None,
+             tol: float = ADAPTIVE_TOL) -> Tensor:
+    """Continue the prompts idx (B, P) (equal lengths) by up to max_new_tokens tokens.
+
+    temperature 0 is greedy; top_k / top_p filter before sampling; `generator` seeds it.
+    prefill: "parallel" (m + b passes), "sequential" or "adaptive" (see `encode_prompt`).
+    stop_tokens: a row that samples one of them stops (it repeats that token while the other rows
+    go on); generation ends when every row has stopped. With sink_size and window_size the cache
+    streams (StreamingLLM): it keeps the first sink_size tokens and the latest ones, so memory is
+    flat and generation may run past block_size.
+    Returns (B, P + n) tokens: the prompt and its continuation.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        new = [t for t, _ in generate_stream(
+            model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=generator, prefill=prefill, stop_tokens=stop_tokens, sink_size=sink_size,
+            window_size=window_size, tol=tol)]
+    finally:
+        model.train(was_training)
+    return torch.cat([idx, *new], dim=1)

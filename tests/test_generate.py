@@ -1,0 +1,241 @@
+"""The decoder: cached decoding equals the sequential model, prefill modes, cache size,
+streaming, sampling, and bad inputs."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import configs, random_model, random_tokens, rel_err
+from lckv_mini.generate import (KVCache, cache_bytes, encode_prompt, generate_stream,
+                                logits_to_probs, sample)
+from lckv_mini.model import LCKVConfig, LCKVModel, apply_rope, make_layer_types
+
+seeds = st.integers(0, 2**16)
+
+
+@given(config=configs(forward_passes=8, block_size=24), P=st.integers(1, 8),
+       n_new=st.integers(1, 8), prefill=st.sampled_from(["parallel", "sequential", "adaptive"]),
+       seed=seeds)
+def test_cached_greedy_decoding_equals_the_sequential_model(config, P, n_new, prefill, seed):
+    model = random_model(config, seed)
+    idx = random_tokens(config, 2, P, seed)
+    steps = list(generate_stream(model, idx, n_new, temperature=0, prefill=prefill, tol=1e-13))
+    out = torch.cat([idx] + [t for t, _ in steps], dim=1)
+    full, _ = model(out, mode="sequential")  # the reference recomputes everything each time
+    for i, (token, logits) in enumerate(steps):
+        ref = full[:, P - 1 + i]
+        assert rel_err(logits, ref) <= (1e-10 if prefill != "adaptive" else 1e-8)
+        assert torch.equal(token[:, 0], ref.argmax(-1))
+    assert torch.equal(model.generate(idx, n_new, temperature=0, prefill=prefill, tol=1e-13), out)
+
+
+@given(config=configs(block_size=24), P=st.integers(1, 10), seed=seeds, data=st.data())
+def test_parallel_and_adaptive_prefill_equal_sequential(config, P, seed, data):
+    m = data.draw(st.integers(max(0, P - config.backward_passes), P + 1), label="m")
+    config.forward_passes = m  # m + b >= P
+    model = random_model(config, seed)
+    idx = random_tokens(config, 2, P, seed)
+
+    def encode(mode, tol=1e-5):
+        cache = KVCache(config, 2, P, dtype=torch.float64)
+        logits, passes = encode_prompt(model, idx, cache, mode, tol)
+        return logits, cache, passes
+
+    seq_logits, seq, _ = encode("sequential")
+    par_logits, par, passes = encode("parallel")
+    assert rel_err(par_logits, seq_logits) <= 1e-10
+    for j in config.kv_layers:
+        for a, b in zip(par.read(j), seq.read(j)):
+            assert a.shape == b.shape and rel_err(a, b) <= 1e-10
+    ada_logits, ada, ada_passes = encode("adaptive", tol=1e-6)
+    assert ada_passes <= config.forward_passes + config.backward_passes
+    assert ada_passes <= passes
+    for j in config.kv_layers:
+        for a, b in zip(ada.read(j), seq.read(j)):
+            assert (a - b).abs().max() <= 1e-3  # a small tol keeps the error small too
+
+
+def test_adaptive_prefill_stops_early_on_a_contracting_model():
+    # A freshly initialised model (std 0.02) contracts fast: far fewer passes than P are needed.
+    config = LCKVConfig(vocab_size=50, n_layer=6, n_head=2, n_kv_head=1, n_embd=16,
+                        intermediate_size=32, block_size=64, forward_passes=60,
+                        layer_types=make_layer_types("lckv", 6, warmup=2))
+    torch.manual_seed(0)
+    model = LCKVModel(config).double().eval()
+    idx = random_tokens(config, 1, 40, 0)
+    cache = KVCache(config, 1, 40, dtype=torch.float64)
+    _, passes = encode_prompt(model, idx, cache, "adaptive", tol=1e-10)
+    assert passes < 40
+
+
+@given(config=configs(), B=st.integers(1, 3), T=st.integers(1, 20),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_cache_bytes_equal_the_formula(config, B, T, dtype):
+    cache = KVCache(config, B, T, dtype=dtype)
+    formula = (len(config.kv_layers) * 2 * config.n_kv_head * config.head_dim * T * B
+               * torch.empty((), dtype=dtype).element_size())
+    assert cache.nbytes == cache_bytes(config, B, T, dtype) == formula
+
+
+@pytest.mark.parametrize("n_layer, w", [(12, 2), (12, 10), (8, 0), (6, 4)])
+def test_lckv_cache_is_w_plus_1_over_L_of_standard(n_layer, w):
+    base = dict(vocab_size=10, n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=32,
+                intermediate_size=8, block_size=8)
+    std = cache_bytes(LCKVConfig(**base), 4, 2048)
+    lckv = cache_bytes(LCKVConfig(**base, layer_types=make_layer_types("lckv", n_layer,
+                                                                       warmup=w)), 4, 2048)
+    assert lckv * n_layer == std * (w + 1)
+
+
+# -- streaming ------------------------------------------------------------------------------
+
+
+@given(config=configs(block_size=16), sink=st.integers(0, 3), window=st.integers(2, 8),
+       seed=seeds)
+def test_streaming_memory_is_flat_over_ten_windows(config, sink, window, seed):
+    model = random_model(config, seed)
+    idx = random_tokens(config, 2, 2, seed)
+    n_new = 10 * (sink + window)  # runs far past block_size=16: positions are cache slots
+    caches = []
+    original = KVCache.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        caches.append(self)
+
+    KVCache.__init__ = spy
+    try:
+        sizes, pointers = [], []
+        for token, logits in generate_stream(model, idx, n_new, temperature=0, sink_size=sink,
+                                             window_size=window):
+            assert torch.isfinite(logits).all()
+            cache = caches[-1]
+            sizes.append(cache.nbytes)
+            pointers.append(tuple(t.data_ptr() for t in cache.k.values()))
+    finally:
+        KVCache.__init__ = original
+    assert len(caches) == 1 and len(sizes) == n_new
+    assert len(set(sizes)) == 1 and len(set(pointers)) == 1  # same buffers throughout
+    assert caches[0].seq_len <= sink + window
+
+
+@given(config=configs(block_size=24), P=st.integers(1, 5), n_new=st.integers(1, 6),
+       extra=st.integers(0, 4), seed=seeds)
+def test_streaming_shorter_than_the_cache_equals_plain_decoding(config, P, n_new, extra, seed):
+    model = random_model(config, seed)
+    idx = random_tokens(config, 2, P, seed)
+    plain = model.generate(idx, n_new, temperature=0)
+    capacity = P + n_new + extra
+    streamed = model.generate(idx, n_new, temperature=0, sink_size=1, window_size=capacity - 1)
+    assert torch.equal(plain, streamed)
+
+
+@given(sink=st.integers(0, 3), n=st.integers(1, 3), length=st.integers(4, 9), seed=seeds)
+def test_eviction_rotates_keys_by_their_new_slot(sink, n, length, seed):
+    config = LCKVConfig(vocab_size=5, n_layer=2, n_head=2, n_kv_head=1, n_embd=8,
+                        intermediate_size=4, block_size=16)
+    model = LCKVModel(config).double()
+    cos, sin = model.rope_cos.double(), model.rope_sin.double()
+    g = torch.Generator().manual_seed(seed)
+    raw_k = torch.randn(1, 1, length, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 1, length, 4, generator=g, dtype=torch.float64)
+    if length - n < sink:
+        return
+    cache = KVCache(config, 1, length, dtype=torch.float64, sink_size=sink)
+    for j in cache.layers:
+        cache.write(j, apply_rope(raw_k, cos[:length], sin[:length]), v)  # rotated at slots
+    cache.evict(n, cos[n], sin[n])
+    keep = list(range(sink)) + list(range(sink + n, length))
+    want_k = apply_rope(raw_k[:, :, keep], cos[:len(keep)], sin[:len(keep)])
+    for j in cache.layers:
+        k, vv = cache.read(j)
+        # the model's RoPE tables are float32, so composing rotations is float32-accurate
+        torch.testing.assert_close(k, want_k, rtol=1e-6, atol=1e-6)
+        assert torch.equal(vv, v[:, :, keep])
+
+
+# -- sampling -------------------------------------------------------------------------------
+
+
+def tiny_model():
+    config = LCKVConfig(vocab_size=40, n_layer=4, n_head=2, n_kv_head=1, n_embd=16,
+                        intermediate_size=16, block_size=32,
+                        layer_types=make_layer_types("lckv", 4, warmup=2))
+    return random_model(config, 0, std=0.5).float()
+
+
+def test_seeded_sampling_is_reproducible():
+    model, idx = tiny_model(), torch.tensor([[1, 2, 3], [4, 5, 6]])
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return model.generate(idx, 12, temperature=1.0, top_k=10, top_p=0.9, generator=g)
+
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+def test_top_k_1_equals_greedy():
+    model, idx = tiny_model(), torch.tensor([[1, 2, 3]])
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(idx, 10, temperature=0.8, top_k=1, generator=g),
+                       model.generate(idx, 10, temperature=0))
+
+
+@given(probs=st.lists(st.floats(0.01, 1.0), min_size=2, max_size=12), p=st.floats(0.05, 1.0))
+def test_top_p_keeps_the_smallest_set_reaching_p(probs, p):
+    logits = torch.tensor(probs, dtype=torch.float64).log()[None]
+    full = logits_to_probs(logits)[0]
+    kept = logits_to_probs(logits, top_p=p)[0] > 0
+    order = full.argsort(descending=True)
+    n = int(kept.sum())
+    assert kept[order[:n]].all()  # the kept tokens are the n most likely
+    assert full[order[:n]].sum() >= p - 1e-6  # they reach p
+    assert n == 1 or full[order[:n - 1]].sum() < p + 1e-6  # and one fewer would not
+    torch.testing.assert_close(logits_to_probs(logits, top_p=p)[0].sum().double(),
+                               torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_temperature_zero_is_argmax_and_stop_tokens_end_rows():
+    logits = torch.tensor([[0.1, 3.0, 0.2], [2.0, 0.0, 1.0]])
+    assert sample(logits, temperature=0).tolist() == [[1], [0]]
+    model, idx = tiny_model(), torch.tensor([[1, 2, 3], [7, 8, 9]])
+    greedy = model.generate(idx, 10, temperature=0)
+    stop = int(greedy[0, 5])
+    out = model.generate(idx, 10, temperature=0, stop_tokens=[stop])
+    row = out[0, 3:].tolist()
+    first = row.index(stop)
+    assert all(t == stop for t in row[first:])
+    assert out.size(1) <= greedy.size(1)
+
+
+# -- bad inputs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("idx, kwargs, message", [
+    (torch.zeros(1, 0, dtype=torch.long), {}, "prompt is empty"),
+    (torch.tensor([[1, 40]]), {}, "token id 40 is out of range"),
+    (torch.zeros(1, 33, dtype=torch.long), {}, "exceeds block_size=32"),
+    (torch.zeros(1, 30, dtype=torch.long), {}, "max_new_tokens \\(5\\) = 35 exceeds block_size"),
+    (torch.zeros(1, 3, dtype=torch.long), dict(temperature=-1), "temperature"),
+    (torch.zeros(1, 3, dtype=torch.long), dict(top_k=0), "top_k"),
+    (torch.zeros(1, 3, dtype=torch.long), dict(top_p=1.5), "top_p"),
+    (torch.zeros(1, 3, dtype=torch.long), dict(prefill="magic"), "prefill must be"),
+    (torch.zeros(1, 3, dtype=torch.long), dict(sink_size=2), "both sink_size"),
+    (torch.zeros(1, 9, dtype=torch.long), dict(sink_size=2, window_size=4), "does not fit"),
+])
+def test_bad_generation_input_raises_clear_error(idx, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model().generate(idx, 5, **kwargs)
+
+
+def test_cache_rejects_wrong_shapes_and_overflow():
+    config = tiny_model().config
+    cache = KVCache(config, 2, 4)
+    k = torch.zeros(2, 1, 3, 8)
+    with pytest.raises(ValueError, match="cache holds"):
+        cache.write(3, k[:1], k[:1])
+    cache.write(3, k, k)
+    with pytest.raises(ValueError, match="overflows the cache capacity 4"):
+        cache.write(3, k, k)
