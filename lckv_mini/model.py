@@ -194,6 +194,21 @@ def make_layer_types(kind: str, n_layer: int, *, warmup: int = 2, group: int = 2
 # Attention with the zero-output rule
 
 
+def visible_keys(q_start: int, Tq: int, Tk: int, mask_diagonal: bool,
+                 window: int | None = None, device=None) -> Tensor:
+    """(Tq, Tk) boolean mask: may the query at position q_start + i see the key at position j?
+
+    Causal (j <= p), strictly so when the diagonal is masked (j < p: a layer reading from above
+    never sees its own token's KV), and within the last `window` positions if windowed.
+    """
+    q_pos = torch.arange(q_start, q_start + Tq, device=device)[:, None]
+    k_pos = torch.arange(Tk, device=device)[None, :]
+    allowed = k_pos < q_pos if mask_diagonal else k_pos <= q_pos
+    if window is not None:
+        allowed &= q_pos - k_pos < window
+    return allowed
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, q_start: int, mask_diagonal: bool,
               window: int | None = None) -> Tensor:
     """Causal attention of queries at positions q_start.. over keys at positions 0..Tk-1.
@@ -218,11 +233,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, q_start: int, mask_diagonal: b
         return torch.cat([q.new_zeros(B, nh, 1, hs), out], dim=2)
     if window is None and Tq == 1 and Tk == q_start + (not mask_diagonal):  # decoding: sees all
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    q_pos = torch.arange(q_start, q_start + Tq, device=q.device)[:, None]
-    k_pos = torch.arange(Tk, device=q.device)[None, :]
-    allowed = k_pos < q_pos if mask_diagonal else k_pos <= q_pos  # (Tq, Tk)
-    if window is not None:
-        allowed &= q_pos - k_pos < window
+    allowed = visible_keys(q_start, Tq, Tk, mask_diagonal, window, q.device)  # (Tq, Tk)
     sees_some = allowed.any(dim=-1, keepdim=True)  # (Tq, 1)
     # Rows that see nothing attend everywhere (keeps softmax finite) and are then zeroed.
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~sees_some, enable_gqa=gqa)

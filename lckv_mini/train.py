@@ -1,0 +1,411 @@
+"""Training: a flat loop (nanoGPT-style) for standard and LCKV models, on one process or many.
+
+`train(TrainConfig(...))` is what `train_shakespeare.py` and the notebooks call. Multi-process
+runs go through torchrun (its RANK / WORLD_SIZE variables): every rank draws the same global
+batch and takes its own rows, so N ranks compute exactly what one rank would with the same
+global batch; rank 0 alone evaluates, logs and saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .data import (DataError, Tokenizer, get_batch, read_text, shakespeare_path, split,
+                   tokenize_cached)
+from .model import LCKVConfig, LCKVModel, make_layer_types
+
+CHECKPOINT = "ckpt.pt"
+LOG = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str | None = None  # a local text file; None: tiny Shakespeare, downloaded once
+    cache_dir: str | None = None  # downloads and token caches (default $LCKV_CACHE_DIR, ~/.cache)
+    tokenizer: str = "gpt2"  # "gpt2" (tiktoken r50k_base) or "char"
+    compact_vocab: bool = True  # keep only the GPT-2 ids the corpus uses
+    # model
+    layers_kind: str = "lckv"  # lckv | standard | cla | yoco, or a raw layer_types string
+    warmup: int = 2  # w, for lckv
+    cla_group: int = 2
+    n_layer: int = 6
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 128
+    intermediate_size: int = 344
+    block_size: int = 128
+    sliding_window: int | None = None  # for "s" layers (yoco); default block_size // 4
+    forward_passes: int = 7  # m
+    backward_passes: int = 2  # b
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    # optimisation
+    mode: str = "parallel"  # or "sequential": token by token, for tiny runs and teaching
+    batch_size: int = 16  # rows per micro-step per process
+    grad_accum: int = 1
+    max_iters: int = 800
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_iters: int = 30
+    lr_decay_iters: int | None = None  # cosine horizon; default max_iters
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # evaluation, logging, checkpoints
+    eval_interval: int = 100
+    eval_iters: int = 10
+    out_dir: str = "out"
+    resume: bool = False
+    sample_tokens: int = 300
+    prompt: str = "\n"
+    temperature: float = 0.8
+    top_k: int | None = 50
+    # system
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    compile: bool = False
+    seed: int = 1337
+    progress: bool = True
+
+
+# A few seconds on a CPU: what the tests and `--smoke` run.
+SMOKE = dict(n_layer=4, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64, block_size=32,
+             batch_size=4, max_iters=20, warmup_iters=2, eval_interval=10, eval_iters=2,
+             sample_tokens=40)
+
+
+def resolve_device(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> LCKVConfig:
+    kinds = ("lckv", "standard", "cla", "yoco")
+    layer_types = (make_layer_types(cfg.layers_kind, cfg.n_layer, warmup=cfg.warmup,
+                                    group=cfg.cla_group)
+                   if cfg.layers_kind in kinds else cfg.layers_kind)
+    return LCKVConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                      n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,
+                      intermediate_size=cfg.intermediate_size, block_size=cfg.block_size,
+                      layer_types=layer_types,
+                      sliding_window=cfg.sliding_window or max(1, cfg.block_size // 4),
+                      forward_passes=cfg.forward_passes, backward_passes=cfg.backward_passes,
+                      tie_embeddings=cfg.tie_embeddings, dropout=cfg.dropout)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
+    horizon = cfg.lr_decay_iters or cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= horizon:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_iters) / max(1, horizon - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def unigram_entropy(ids: np.ndarray) -> float:
+    """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
+    counts = np.bincount(np.asarray(ids, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one self-describing file, written atomically, read with weights_only=True
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a crash leaves the previous checkpoint intact
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is corrupt or not an lckv-mini checkpoint: {e}") from e
+    missing = {"model", "model_config", "tokenizer", "step"} - set(ckpt if isinstance(ckpt, dict)
+                                                                   else ())
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}: not an lckv-mini checkpoint")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, device="cpu") -> tuple[LCKVModel, Tokenizer, dict]:
+    """The model and tokenizer stored in a training checkpoint."""
+    ckpt = load_checkpoint(path, device)
+    model = LCKVModel(LCKVConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), Tokenizer.from_dict(ckpt["tokenizer"]), ckpt
+
+
+def check_same_config(saved: dict, wanted: dict, path) -> None:
+    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"checkpoint {path} was trained with a different model config ({lines}); "
+                         "pass the same settings, or a different --out-dir to start afresh")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@torch.no_grad()
+def estimate_loss(model: LCKVModel, splits: dict, cfg: TrainConfig, device, ctx) -> dict:
+    """Mean loss over eval_iters batches per split, on the same batches every time (own seed)."""
+    model.eval()
+    out = {}
+    for name, ids in splits.items():
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = get_batch(ids, cfg.batch_size, cfg.block_size, g, device)
+            with ctx:
+                losses.append(model(x, y, mode=cfg.mode)[1].item())
+        out[name] = float(np.mean(losses))
+    model.train()
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train as configured; returns a summary (losses, throughput, the sample, paths)."""
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = resolve_device(cfg.device)
+    if ddp:
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    master = rank == 0
+    device_type = "cuda" if device.startswith("cuda") else device
+    try:
+        return _train(cfg, rank, world, device, device_type, master, ddp)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _train(cfg, rank, world, device, device_type, master, ddp) -> dict:
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    if cfg.mode not in ("parallel", "sequential"):
+        raise ValueError(f"mode must be 'parallel' or 'sequential', got {cfg.mode!r}")
+    if not cfg.resume and ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose "
+                              "another --out-dir (nothing was overwritten)")
+
+    # Data and tokenizer (a resumed run keeps the checkpoint's tokenizer)
+    text = read_text(cfg.data) if cfg.data else shakespeare_path(cfg.cache_dir).read_text("utf-8")
+    ckpt = load_checkpoint(ckpt_path, device) if cfg.resume else None
+    tokenizer = (Tokenizer.from_dict(ckpt["tokenizer"]) if ckpt
+                 else Tokenizer.fit(cfg.tokenizer, text, compact=cfg.compact_vocab))
+    ids = tokenize_cached(text, tokenizer, cfg.cache_dir)
+    train_ids, val_ids = split(ids)
+    for name, part in (("training", train_ids), ("validation", val_ids)):
+        if len(part) <= cfg.block_size:
+            raise DataError(f"the {name} split has {len(part)} tokens, not more than block_size="
+                            f"{cfg.block_size}: use a smaller --block-size or more data")
+
+    # Model and optimiser
+    config = model_config(cfg, tokenizer.vocab_size)
+    if ckpt:
+        check_same_config(ckpt["model_config"], config.to_dict(), ckpt_path)
+    torch.manual_seed(cfg.seed)
+    model = LCKVModel(config).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.95))
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    step, best_val = 0, float("inf")
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        data_gen.set_state(ckpt["rng"]["data"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        step, best_val = ckpt["step"], ckpt["best_val_loss"]
+    raw_model = model  # saved and evaluated: the model before compile / DDP wrap it
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    ctx = (torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda"
+           else nullcontext())
+
+    splits = {"train": train_ids, "val": val_ids}
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+    entropy = unigram_entropy(train_ids)
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"{len(ids):,} tokens ({tokenizer.kind}, vocab {tokenizer.vocab_size:,}); unigram "
+              f"entropy {entropy:.3f} nats; {raw_model.num_params():,} parameters; layer_types "
+              f"{config.layer_types}; mode {cfg.mode} (m={config.forward_passes}, "
+              f"b={config.backward_passes}); device {device} x {world}")
+    log = open(out_dir / LOG, "a") if master else None
+    history = []
+
+    def save():
+        save_checkpoint(ckpt_path, {
+            "model": raw_model.state_dict(), "model_config": config.to_dict(),
+            "train_config": asdict(cfg), "optimizer": optimizer.state_dict(), "step": step,
+            "best_val_loss": best_val, "tokenizer": tokenizer.to_dict(),
+            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state()}})
+
+    bar = tqdm(total=cfg.max_iters, initial=step, disable=not (master and cfg.progress),
+               dynamic_ncols=True)
+    losses = None
+    try:
+        while True:
+            if master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
+                losses = estimate_loss(raw_model, splits, cfg, device, ctx)
+                best_val = min(best_val, losses["val"])
+                record = {"step": step, "eval_train_loss": losses["train"],
+                          "val_loss": losses["val"]}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                history.append(record)
+                tqdm.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}")
+                save()
+            if step >= cfg.max_iters:
+                break
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                # Every rank draws the same global batch and keeps its own rows.
+                x, y = get_batch(train_ids, cfg.batch_size * world, cfg.block_size, data_gen)
+                rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+                x, y = x[rows].to(device), y[rows].to(device)
+                sync = nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
+                with sync, ctx:
+                    _, loss = model(x, y, mode=cfg.mode)
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+            if ddp:  # log the global batch's loss, not this rank's share
+                total = torch.tensor(loss_sum, device=device)
+                dist.all_reduce(total)
+                loss_sum = total.item() / world
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            step += 1
+            if master:
+                record = {"step": step, "train_loss": loss_sum, "lr": lr,
+                          "tokens_per_s": tokens_per_step / dt}
+                log.write(json.dumps(record) + "\n")
+                history.append(record)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{tokens_per_step / dt:,.0f}")
+            bar.update(1)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+
+    summary = {"step": step, "history": history, "unigram_entropy": entropy,
+               "checkpoint": str(ckpt_path), "layer_types": config.layer_types,
+               "params": raw_model.num_params()}
+    if master and losses:
+        summary.update(train_loss=losses["train"], val_loss=losses["val"])
+        rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
+        summary["tokens_per_s"] = float(np.median(rates)) if rates else None
+        if cfg.sample_tokens > 0:
+            summary["sample"] = sample_text(raw_model, tokenizer, cfg.prompt, cfg.sample_tokens,
+                                            temperature=cfg.temperature, top_k=cfg.top_k,
+                                            seed=cfg.seed)
+            print(f"--- sample ---\n{summary['sample']}\n--------------")
+    return summary
+
+
+def sample_text(model: LCKVModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *,
+                temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
+                seed: int = 0, prefill: str = "parallel", sink_size: int | None = None,
+                window_size: int | None = None) -> str:
+    """Continue `prompt` with the decoder and return the text (prompt included)."""
+    device = model.lm_head.weight.device
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    streaming = sink_size is not None or window_size is not None
+    if not streaming:  # stay inside the block size
+        max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         generator=g, prefill=prefill, sink_size=sink_size,
+                         window_size=window_size)
+    return tokenizer.decode(out[0].tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description="Train a standard or LCKV model on tiny Shakespeare "
+                                "(or any text file).")
+    p.add_argument("--smoke", action="store_true", help="a tiny model for a few seconds")
+    p.add_argument("--tokenizer", choices=["gpt2", "char"])
+    p.add_argument("--full-vocab", dest="compact_vocab", action="store_false", default=None,
+                   help="keep GPT-2's whole 50,257-id vocabulary")
+    p.add_argument("--no-tie", dest="tie_embeddings", action="store_false", default=None)
+    p.add_argument("--layers-kind", help="lckv, standard, cla, yoco, or a layer_types string")
+    p.add_argument("--mode", choices=["parallel", "sequential"])
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--compile", action="store_true", default=None)
+    p.add_argument("--resume", action="store_true", default=None)
+    skip = {"tokenizer", "compact_vocab", "tie_embeddings", "layers_kind", "mode", "progress",
+            "compile", "resume"}
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        kind = {"int": int, "float": float, "str": str}
+        typ = next((t for n, t in kind.items() if str(f.type).startswith(n)), str)
+        p.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None,
+                       help=f"default {f.default!r}")
+    args = p.parse_args(argv)
+    values = {**(SMOKE if args.smoke else {}),
+              **{k: v for k, v in vars(args).items() if v is not None and k != "smoke"}}
+    return TrainConfig(**values)
+
+
+def main(argv=None) -> dict:
+    try:
+        return train(parse_args(argv))
+    except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
