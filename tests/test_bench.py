@@ -1,0 +1,78 @@
+"""The benchmark code runs and writes what it promises (tiny shapes; no timing is asserted)."""
+
+import json
+
+import pytest
+import torch
+
+from lckv_mini.bench import SHAPES, main, max_batch, param_count, training_flops, variants
+from lckv_mini.generate import KVCache, cache_bytes
+from lckv_mini.model import LCKVModel
+
+TINY = ["--shape", "tiny", "--shapes", "tiny", "llama-7b", "--cpu-budget-gib", "0.0005",
+        "--prompt-len", "4", "--gen-len", "6", "--reps", "1", "--prompt-lens", "4", "6",
+        "--train-len", "8", "--seq-train-len", "3", "--windows", "4", "6", "--stream-len", "12",
+        "--max-batch-cap", "4"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    plot = []
+    try:
+        import matplotlib  # noqa: F401
+        plot = ["--plot"]
+    except ImportError:
+        pass
+    return out, main(["all", *TINY, "--out", str(out), *plot]), bool(plot)
+
+
+def test_every_benchmark_writes_json_with_its_fields(results):
+    out, res, plotted = results
+    for name in ("memory", "throughput", "prefill", "train", "streaming"):
+        data = json.loads((out / f"{name}.json").read_text())
+        assert {"rows", "machine", "device", "args", "settings"} <= data.keys()
+        assert data["machine"]["torch"] and data["rows"]
+        if name != "memory":
+            assert all(len(r["times_s"]) == 1 for r in data["rows"])
+        if plotted:
+            assert (out / f"{name}.png").stat().st_size > 1000
+    summary = json.loads((out / "throughput.json").read_text())["summary"]
+    assert {"best_tokens_per_s", "ratio_vs_standard", "traffic_model_ratio",
+            "batch_ratio_bound"} <= summary[0].keys()
+    passes = {r["mode"]: r["passes"] for r in res["prefill"]["rows"] if r["prompt_len"] == 6}
+    assert passes["sequential"] == 6 and passes["parallel"] == 9 and passes["adaptive"] <= 9
+
+
+def test_memory_rows_follow_the_formula(results):
+    _, res, _ = results
+    for r in res["memory"]["rows"]:
+        L = SHAPES[r["shape"]].n_layer
+        assert r["kv_ratio"] == pytest.approx(r["kv_layers"] / L, rel=1e-12)  # (w+1)/L
+    for c in res["memory"]["allocation_check"]:
+        assert c["predicted_cache"] == c["allocated_cache"]
+        assert c["predicted_params"] == c["real_params"]
+
+
+@pytest.mark.parametrize("shape", ["tiny", "cpu"])
+def test_predictors_match_real_allocations(shape):
+    for config in variants(SHAPES[shape]).values():
+        assert param_count(config) == LCKVModel(config).num_params()
+        assert KVCache(config, 2, 7).nbytes == cache_bytes(config, 2, 7)
+
+
+def test_max_batch_grows_by_about_L_over_w_plus_1_when_the_cache_dominates():
+    shape = SHAPES["llama-7b"]
+    std = max_batch(variants(shape)["standard"], 80 * 2**30, 16, 2048, torch.float16)
+    for name, config in variants(shape).items():
+        got = max_batch(config, 80 * 2**30, 16, 2048, torch.float16)
+        assert got >= 0.9 * shape.n_layer / len(config.kv_layers) * std, name
+
+
+def test_training_flops_count_the_iteration():
+    config = variants(SHAPES["tiny"])["lckv w=2"]  # 4 layers, block = layers 1..2
+    one = training_flops(config, 8, 0, 1)
+    more = training_flops(config, 8, 7, 2)
+    assert more > one
+    std = variants(SHAPES["tiny"])["standard"]
+    assert training_flops(std, 8, 7, 2) == training_flops(std, 8, 0, 1)  # no block: one pass
