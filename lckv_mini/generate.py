@@ -56,6 +56,10 @@ class KVCache:
     def seq_len(self) -> int:
         return min(self.length.values())
 
+    def reset(self) -> None:
+        """Forget every token (the buffers are kept for the next generation)."""
+        self.length = {j: 0 for j in self.layers}
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())
@@ -174,9 +178,11 @@ def generate_stream(model: LCKVModel, idx: Tensor, max_new_tokens: int, *,
                     temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, generator: torch.Generator | None = None,
                     prefill: str = "parallel", stop_tokens=None, sink_size: int | None = None,
-                    window_size: int | None = None, tol: float = ADAPTIVE_TOL):
+                    window_size: int | None = None, tol: float = ADAPTIVE_TOL,
+                    cache: KVCache | None = None):
     """Yield (next tokens (B, 1), the logits they were sampled from (B, V)) one step at a time.
-    See `generate` for the arguments."""
+    See `generate` for the arguments. `cache`: a KVCache to fill (it is reset first) instead of
+    a new one, to reuse its buffers or to watch it; its capacity must fit the generation."""
     c = model.config
     model.check_input(idx)
     B, P = idx.shape
@@ -205,8 +211,17 @@ def generate_stream(model: LCKVModel, idx: Tensor, max_new_tokens: int, *,
                              "to stream past it")
     stop = torch.tensor(sorted(set(stop_tokens or ())), dtype=idx.dtype, device=idx.device)
     param = model.lm_head.weight
-    cache = KVCache(c, B, capacity, dtype=param.dtype, device=param.device,
-                    sink_size=sink_size if streaming else None)
+    if cache is None:
+        cache = KVCache(c, B, capacity, dtype=param.dtype, device=param.device,
+                        sink_size=sink_size if streaming else None)
+    else:
+        fits = cache.capacity == capacity if streaming else cache.capacity >= capacity
+        if cache.shape[0] != B or not fits or cache.sink_size != (sink_size if streaming else None):
+            raise ValueError(f"the given cache (batch {cache.shape[0]}, capacity {cache.capacity}, "
+                             f"sink_size {cache.sink_size}) does not fit this generation (batch "
+                             f"{B}, {capacity} tokens, sink_size {sink_size})")
+        cache.reset()
+    capacity = cache.capacity
     logits, _ = encode_prompt(model, idx, cache, prefill, tol)
     done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
     token = idx[:, -1:]

@@ -538,9 +538,7 @@ class LCKVModel(nn.Module):
 
     def hf_state_dict(self) -> dict[str, Tensor]:
         """The weights under Hugging Face Llama names (k/v only for the KV-computing layers)."""
-        sd = {k: v for k, v in self.state_dict().items()}
-        sd["lm_head.weight"] = self.lm_head.weight
-        return sd
+        return dict(self.state_dict())  # the modules carry these names; tied weights appear twice
 
     @classmethod
     def from_hf_state_dict(cls, state_dict: dict[str, Tensor], config: LCKVConfig) -> LCKVModel:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from .data import DataError
 from .train import load_model, resolve_device, sample_text
 
 
@@ -34,7 +35,7 @@ def main(argv=None) -> list[str]:
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, prefill=args.prefill,
                 sink_size=args.sink_size, window_size=args.window_size))
             print(texts[-1] + ("\n---------------" if args.num_samples > 1 else ""))
-    except (FileNotFoundError, ValueError) as e:
+    except (DataError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     return texts
 

@@ -97,27 +97,19 @@ def test_streaming_memory_is_flat_over_ten_windows(config, sink, window, seed):
     model = random_model(config, seed)
     idx = random_tokens(config, 2, 2, seed)
     n_new = 10 * (sink + window)  # runs far past block_size=16: positions are cache slots
-    caches = []
-    original = KVCache.__init__
-
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        caches.append(self)
-
-    KVCache.__init__ = spy
-    try:
-        sizes, pointers = [], []
-        for token, logits in generate_stream(model, idx, n_new, temperature=0, sink_size=sink,
-                                             window_size=window):
-            assert torch.isfinite(logits).all()
-            cache = caches[-1]
-            sizes.append(cache.nbytes)
-            pointers.append(tuple(t.data_ptr() for t in cache.k.values()))
-    finally:
-        KVCache.__init__ = original
-    assert len(caches) == 1 and len(sizes) == n_new
-    assert len(set(sizes)) == 1 and len(set(pointers)) == 1  # same buffers throughout
-    assert caches[0].seq_len <= sink + window
+    cache = KVCache(config, 2, sink + window, dtype=torch.float64, sink_size=sink)
+    pointers = tuple(t.data_ptr() for t in cache.k.values())
+    sizes, lengths = [], []
+    for token, logits in generate_stream(model, idx, n_new, temperature=0, sink_size=sink,
+                                         window_size=window, cache=cache):
+        assert torch.isfinite(logits).all()
+        sizes.append(cache.nbytes)
+        lengths.append(cache.seq_len)
+    assert len(sizes) == n_new and len(set(sizes)) == 1
+    assert tuple(t.data_ptr() for t in cache.k.values()) == pointers  # same buffers throughout
+    assert max(lengths) == sink + window  # full, and never more
+    with pytest.raises(ValueError, match="does not fit"):
+        next(generate_stream(model, idx, 3, sink_size=sink + 1, window_size=window, cache=cache))
 
 
 @given(config=configs(block_size=24), P=st.integers(1, 5), n_new=st.integers(1, 6),

@@ -1,0 +1,49 @@
+"""Every notebook runs top to bottom (small and fast), and the committed outputs are fresh."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("run_all", ROOT / "notebooks" / "run_all.py")
+run_all = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_all)
+NOTEBOOKS = run_all.notebooks()
+
+
+def test_there_are_four_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_outputs_are_fresh(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(c.get("execution_count") for c in code), "a code cell was never run"
+    assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
+    assert any(o.get("data", {}).get("image/png") for c in code for o in c.get("outputs", [])), \
+        "no plot in the committed outputs"
+    stamp = nb["metadata"].get("lckv_mini", {}).get("source_hash")
+    assert stamp == run_all.source_hash(), (
+        f"{path.name} was executed with other package code: run `python notebooks/run_all.py`")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs(path, tmp_path, monkeypatch, shared_data):
+    pytest.importorskip("nbclient")
+    pytest.importorskip("matplotlib")
+    tk = tmp_path / "tiktoken"
+    tk.mkdir()
+    shutil.copy(Path(shared_data) / "r50k_base.tiktoken",
+                tk / "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(Path(shared_data) / "tinyshakespeare.txt", cache / "tinyshakespeare.txt")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tk))
+    monkeypatch.setenv("LCKV_CACHE_DIR", str(cache))
+    monkeypatch.setenv("LCKV_FAST", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    run_all.execute(path, timeout=600, cwd=tmp_path)
