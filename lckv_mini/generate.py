@@ -82,7 +82,7 @@ class KVCache:
         return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
 
     def evict(self, n: int, cos: Tensor, sin: Tensor) -> None:
-        """Drop the n oldest tokens after the sinks. cos, sin (hs,): the RoPE angle of n positions."""
+        """Drop the n oldest tokens after the sinks; cos, sin (hs,) hold the RoPE angle of n."""
         s = self.sink_size or 0
         for j in self.layers:
             end = self.length[j]

@@ -16,8 +16,8 @@ The module names follow Hugging Face's Llama so that weights move in and out by 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -116,7 +116,8 @@ def parse_layer_types(spec, n_layer: int) -> tuple[tuple[int, ...], tuple[bool, 
         return tuple(range(n_layer)), (False,) * n_layer
     parts = spec.split("_") if isinstance(spec, str) else list(spec)
     if len(parts) != n_layer:
-        raise ValueError(f"layer_types {spec!r} describes {len(parts)} layers but n_layer={n_layer}")
+        raise ValueError(f"layer_types {spec!r} describes {len(parts)} layers but "
+                         f"n_layer={n_layer}")
     sources, sliding = [], []
     for i, part in enumerate(parts):
         text = str(part).strip()
@@ -133,9 +134,9 @@ def parse_layer_types(spec, n_layer: int) -> tuple[tuple[int, ...], tuple[bool, 
         sliding.append(window)
     for i, src in enumerate(sources):
         if sources[src] != src:
-            raise ValueError(f"layer_types {spec!r}: layer {i} reads layer {src}, but layer {src} "
-                             f"computes no KVs (it reads layer {sources[src]}); a layer that others "
-                             "read must read itself")
+            raise ValueError(f"layer_types {spec!r}: layer {i} reads layer {src}, but layer "
+                             f"{src} computes no KVs (it reads layer {sources[src]}); a layer "
+                             "that others read must read itself")
     return tuple(sources), tuple(sliding)
 
 
@@ -315,7 +316,8 @@ class Attention(nn.Module):
         self.computes_kv = self.source == layer
         self.mask_diagonal = self.source > layer  # reading from above: own token's KV not yet there
         self.window = config.sliding_window if config.sliding_layers[layer] else None
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.head_dim
         kv_dim = config.n_kv_head * config.head_dim
         self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         if self.computes_kv:  # a layer that only reads has no k/v weights at all
@@ -480,7 +482,7 @@ class LCKVModel(nn.Module):
         kv.update(self._zero_kvs(x))
         passes = 0
         prev = dict(kv)
-        for h in self._iterate(x, kv, m + b, grad_from=m):
+        for h in self._iterate(x, kv, m + b, grad_from=m):  # noqa: B007 (h is used below)
             passes += 1
             if tol is not None:
                 if passes > 1 and max_kv_change(prev, kv) <= tol:

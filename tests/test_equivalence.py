@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import configs, random_model, random_tokens, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import configs, random_model, random_tokens, rel_err
-from lckv_mini.model import (LCKVConfig, kv_convergence, make_layer_types, prefix_exactness)
+from lckv_mini.model import LCKVConfig, kv_convergence, make_layer_types, prefix_exactness
 
 seeds = st.integers(0, 2**16)
 

@@ -3,12 +3,18 @@ streaming, sampling, and bad inputs."""
 
 import pytest
 import torch
+from conftest import configs, random_model, random_tokens, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import configs, random_model, random_tokens, rel_err
-from lckv_mini.generate import (KVCache, cache_bytes, encode_prompt, generate_stream,
-                                logits_to_probs, sample)
+from lckv_mini.generate import (
+    KVCache,
+    cache_bytes,
+    encode_prompt,
+    generate_stream,
+    logits_to_probs,
+    sample,
+)
 from lckv_mini.model import LCKVConfig, LCKVModel, apply_rope, make_layer_types
 
 seeds = st.integers(0, 2**16)
@@ -100,8 +106,8 @@ def test_streaming_memory_is_flat_over_ten_windows(config, sink, window, seed):
     cache = KVCache(config, 2, sink + window, dtype=torch.float64, sink_size=sink)
     pointers = tuple(t.data_ptr() for t in cache.k.values())
     sizes, lengths = [], []
-    for token, logits in generate_stream(model, idx, n_new, temperature=0, sink_size=sink,
-                                         window_size=window, cache=cache):
+    for _token, logits in generate_stream(model, idx, n_new, temperature=0, sink_size=sink,
+                                          window_size=window, cache=cache):
         assert torch.isfinite(logits).all()
         sizes.append(cache.nbytes)
         lengths.append(cache.seq_len)

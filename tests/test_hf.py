@@ -3,10 +3,10 @@ write, and check the weight exchange (including the MLKV initialisation)."""
 
 import pytest
 import torch
+from conftest import configs, random_model, random_tokens, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import configs, random_model, random_tokens, rel_err
 from lckv_mini.model import LCKVConfig, LCKVModel, make_layer_types
 
 transformers = pytest.importorskip("transformers")
