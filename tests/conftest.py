@@ -11,7 +11,9 @@ from lckv_mini.model import LCKVConfig, LCKVModel, make_layer_types
 
 settings.register_profile(
     "default", deadline=None, max_examples=int(os.environ.get("LCKV_EXAMPLES", 100)),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    # CI draws the same examples every run (reproducible verdicts); local runs explore new ones.
+    derandomize=bool(os.environ.get("CI")), print_blob=True)
 settings.load_profile("default")
 
 FAMILIES = ("standard", "lckv", "cla", "yoco", "random")
