@@ -191,8 +191,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p(probs, p):
     assert kept[order[:n]].all()  # the kept tokens are the n most likely
     assert full[order[:n]].sum() >= p - 1e-6  # they reach p
     assert n == 1 or full[order[:n - 1]].sum() < p + 1e-6  # and one fewer would not
-    torch.testing.assert_close(logits_to_probs(logits, top_p=p)[0].sum().double(),
-                               torch.tensor(1.0, dtype=torch.float64))
+    assert abs(logits_to_probs(logits, top_p=p)[0].sum().item() - 1) < 1e-5  # float32 sum
 
 
 def test_temperature_zero_is_argmax_and_stop_tokens_end_rows():
