@@ -604,13 +604,15 @@ def kv_passes(model: LCKVModel, idx: Tensor, n_passes: int):
     if block is None:
         raise ValueError(f"layer_types {model.config.layer_types!r} has no layer reading from "
                          "above: there is nothing to iterate")
+    # no_grad only around the work: a context held open across a yield would switch gradients
+    # off in the caller too. _iterate already runs passes before grad_from without gradient.
     with torch.no_grad():
         kv = PassKVs()
         x = model._run_layers(model.model.embed_tokens(idx), kv, range(block[0]))
         kv.update(model._zero_kvs(x))
+    yield {j: kv[j] for j in model.iterated_kv_layers}
+    for _ in model._iterate(x, kv, n_passes, grad_from=n_passes):
         yield {j: kv[j] for j in model.iterated_kv_layers}
-        for _ in model._iterate(x, kv, n_passes, grad_from=n_passes):
-            yield {j: kv[j] for j in model.iterated_kv_layers}
 
 
 def kv_convergence(model: LCKVModel, idx: Tensor, n_passes: int) -> list[float]:

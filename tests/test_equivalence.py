@@ -6,7 +6,13 @@ from conftest import configs, random_model, random_tokens, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lckv_mini.model import LCKVConfig, kv_convergence, make_layer_types, prefix_exactness
+from lckv_mini.model import (
+    LCKVConfig,
+    kv_convergence,
+    kv_passes,
+    make_layer_types,
+    prefix_exactness,
+)
 
 seeds = st.integers(0, 2**16)
 
@@ -122,3 +128,11 @@ def test_gradient_stopped_one_pass_too_early_changes_the_gradient(layer_types):
     _, seq = loss_and_grads(model, x, y, mode="sequential")
     _, par = loss_and_grads(model, x, y, forward_passes=1, backward_passes=T - 1)
     assert max(rel_err(par[n], seq[n]) for n in seq) > 1e-6
+
+
+def test_kv_passes_leaves_the_callers_gradient_mode_alone():
+    config = small(UPWARD[1])
+    model, idx = random_model(config, 0), random_tokens(config, 1, 4, 0)
+    for kv in kv_passes(model, idx, 3):
+        assert torch.is_grad_enabled()  # between passes the caller still has gradients
+        assert not any(t.requires_grad for pair in kv.values() for t in pair)
