@@ -1,20 +1,35 @@
-"""lckv-mini: a minimal, tested PyTorch reference implementation of Layer-Condensed KV Cache."""
+"""lckv-mini: a minimal, tested PyTorch reference implementation of Layer-Condensed KV Cache.
 
-from .model import (
-                    LCKVConfig,
-                    LCKVModel,
-                    attention,
-                    cla_layers,
-                    kv_convergence,
-                    kv_passes,
-                    lckv_layers,
-                    make_layer_types,
-                    prefix_exactness,
-                    standard_layers,
-                    visible_keys,
-                    yoco_layers,
+Files and what they import (no cycles; tests/test_structure.py checks it):
+    config.py       LCKVConfig, layout builders, iteration groups       (nothing of the package)
+    model.py        attention, the model, parallel and sequential paths  (config)
+    convergence.py  Fig. 3 and Theorem 1 measurements                    (model)
+    generate.py     KV cache, sampling, prompt encoding, decoding        (config, model,
+                                                                          convergence)
+    data.py         downloads, tokenizers, token caches, batches         (nothing)
+    checkpoint.py   save/load training checkpoints                       (config, model, data)
+    train.py        the training loop and its command line               (config, model, data,
+                                                                          checkpoint, generate)
+    sample.py       text from a checkpoint                               (checkpoint, generate,
+                                                                          data, train)
+    bench.py        the benchmarks                                       (config, model, generate)
+"""
+
+from .config import (
+    LAYOUTS,
+    LCKVConfig,
+    cla_layers,
+    lckv_layers,
+    make_layer_types,
+    shared_layers,
+    standard_layers,
+    yoco_layers,
 )
+from .convergence import kv_convergence, kv_passes, prefix_exactness
+from .generate import GREEDY, KVCache, Sampling, cache_bytes, encode_prompt, generate
+from .model import LCKVModel, attention, visible_keys
 
-__all__ = ["LCKVConfig", "LCKVModel", "attention", "cla_layers", "kv_convergence", "kv_passes",
-           "lckv_layers", "make_layer_types", "prefix_exactness", "standard_layers", "visible_keys",
-           "yoco_layers"]
+__all__ = ["GREEDY", "KVCache", "LAYOUTS", "LCKVConfig", "LCKVModel", "Sampling", "attention",
+           "cache_bytes", "cla_layers", "encode_prompt", "generate", "kv_convergence",
+           "kv_passes", "lckv_layers", "make_layer_types", "prefix_exactness", "shared_layers",
+           "standard_layers", "visible_keys", "yoco_layers"]

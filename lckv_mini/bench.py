@@ -4,6 +4,7 @@
     python -m lckv_mini.bench throughput  # Fig. 4: generation tokens/s vs batch under a budget
     python -m lckv_mini.bench prefill     # prompt encoding: sequential vs parallel vs adaptive
     python -m lckv_mini.bench train       # training step time vs the FLOP-count prediction
+    python -m lckv_mini.bench passes      # the passes with and without their wasted work
     python -m lckv_mini.bench streaming   # Fig. 5: per-token latency and memory vs cache size
     python -m lckv_mini.bench all
 
@@ -25,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .generate import KVCache, cache_bytes, encode_prompt, generate
-from .model import LCKVConfig, LCKVModel, make_layer_types
+from .config import LCKVConfig, make_layer_types
+from .generate import GREEDY, KVCache, Sampling, cache_bytes, encode_prompt, generate
+from .model import LCKVModel, PassKVs
 
 # ----------------------------------------------------------------------------------------------
 # Shapes
@@ -44,10 +46,11 @@ SHAPES = {
 }
 
 
-def variants(shape: LCKVConfig, warmups=(2, 10)) -> dict[str, LCKVConfig]:
-    """The standard model and LCKV with each w (skipping w that do not fit the depth)."""
+def variants(shape: LCKVConfig, ws=(2, 10)) -> dict[str, LCKVConfig]:
+    """The standard model and LCKV with each number w of warmup layers (skipping w that do not
+    fit the depth)."""
     out = {"standard": replace(shape, layer_types=None)}
-    for w in warmups:
+    for w in ws:
         if w < shape.n_layer:
             out[f"lckv w={w}"] = replace(shape, layer_types=make_layer_types("lckv", shape.n_layer,
                                                                              warmup=w))
@@ -70,9 +73,9 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timeit(fn, device="cpu", warmup: int = 1, reps: int = 3) -> list[float]:
-    """Seconds per call over `reps` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
+def timeit(fn, device="cpu", untimed: int = 1, reps: int = 3) -> list[float]:
+    """Seconds per call over `reps` calls after `untimed` calls (caches, allocator, threads)."""
+    for _ in range(untimed):
         fn()
     times = []
     for _ in range(reps):
@@ -99,12 +102,9 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 def param_count(config: LCKVConfig) -> int:
-    """Parameters of LCKVModel(config), counted from the config alone."""
-    C, I, V, kv = config.n_embd, config.intermediate_size, config.vocab_size, config.n_kv_head
-    kv_dim = kv * config.head_dim
-    per_layer = 2 * C * C + 3 * C * I + 2 * C  # q, o; gate, up, down; two norms
-    n = config.n_layer * per_layer + len(config.kv_layers) * 2 * C * kv_dim  # k, v where computed
-    return n + V * C * (1 if config.tie_embeddings else 2) + C
+    """Parameters of LCKVModel(config), counted exactly on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return LCKVModel(config).num_params()
 
 
 def activation_bytes(config: LCKVConfig, prompt_len: int, dtype) -> int:
@@ -180,7 +180,7 @@ def bench_throughput(args) -> dict:
     budget = int(args.cpu_budget_gib * 2**30)
     bandwidth = measure_bandwidth(device)
     rows, best = [], {}
-    for name, config in variants(shape, args.warmups).items():
+    for name, config in variants(shape, args.w).items():
         limit = max_batch(config, budget, args.prompt_len, args.gen_len, dtype)
         limit = min(limit, args.max_batch_cap) if args.max_batch_cap else limit
         torch.manual_seed(0)
@@ -188,9 +188,9 @@ def bench_throughput(args) -> dict:
         for B in batch_sizes(limit):
             idx = torch.randint(0, config.vocab_size, (B, args.prompt_len), device=device)
             g = torch.Generator(device=device).manual_seed(0)
-            run = lambda: generate(model, idx, args.gen_len, temperature=1.0, generator=g)  # noqa
+            run = lambda: generate(model, idx, args.gen_len, sampling=Sampling(), generator=g)  # noqa
             with torch.inference_mode():
-                times = timeit(run, device, warmup=1, reps=args.reps)
+                times = timeit(run, device, untimed=1, reps=args.reps)
             tps = B * args.gen_len / statistics.median(times)
             rows.append({"model": name, "batch": B, "max_batch": limit, "times_s": times,
                          "tokens_per_s": tps})
@@ -250,7 +250,7 @@ def bench_prefill(args) -> dict:
                 passes.append(encode_prompt(model, idx, cache, mode)[1])
 
             with torch.inference_mode():
-                times = timeit(run, device, warmup=1, reps=args.reps)
+                times = timeit(run, device, untimed=1, reps=args.reps)
             rows.append({"prompt_len": P, "mode": mode, "passes": passes[-1],
                          "times_s": times, "median_ms": 1e3 * statistics.median(times)})
         seq = next(r for r in rows if r["prompt_len"] == P and r["mode"] == "sequential")
@@ -265,29 +265,59 @@ def bench_prefill(args) -> dict:
 # Training cost
 
 
-def training_flops(config: LCKVConfig, T: int, m: int, b: int) -> float:
+def training_flops(config: LCKVConfig, T: int, m: int, b: int, skip_wasted: bool = True
+                   ) -> float:
     """Matmul FLOPs of one training step per sequence, counting the iteration (Sec. 2.2): layers
-    outside the iteration block run once (forward + backward = 3 forward costs); the block runs
-    m forward-only passes and b passes with backward."""
+    outside the iteration groups run once (forward + backward = 3 forward costs); each group
+    runs m forward-only passes and b passes with backward. With skip_wasted (what the model
+    does), the group's top layer only computes k and v before the last pass, and in the first
+    pass the layers reading from above (zero KVs) skip their attention."""
     C, I, V = config.n_embd, config.intermediate_size, config.vocab_size
-    kv_dim = config.n_kv_head * config.head_dim
+    q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    kv = 2 * T * 2 * C * kv_dim  # k and v projections
+    attn = 2 * T * 2 * C * q_dim + 2 * 2 * T * T * q_dim  # q, o; scores and weighted sum
+    mlp = 2 * T * 3 * C * I
 
-    def layer(i):  # forward FLOPs of layer i over T tokens
-        proj = 2 * C * C + (2 * C * kv_dim if config.kv_sources[i] == i else 0) + 3 * C * I
-        return 2 * T * proj + 2 * 2 * T * T * C  # projections; scores and weighted sum (full)
+    def layer(i, how="full"):  # forward FLOPs of layer i over T tokens
+        own_kv = kv if config.kv_sources[i] == i else 0
+        return {"full": own_kv + attn + mlp, "kv_only": own_kv, "no_attention": mlp}[how]
 
-    block = config.iteration_block
-    inside = set(range(block[0], block[1] + 1)) if block else set()
-    once = sum(3 * layer(i) for i in range(config.n_layer) if i not in inside)
-    iterated = sum(layer(i) for i in inside) * (m + 3 * b)
-    return once + iterated + 3 * 2 * T * C * V
+    inside = {i for lo, hi in config.iteration_groups for i in range(lo, hi + 1)}
+    total = sum(3 * layer(i) for i in range(config.n_layer) if i not in inside)
+    for lo, hi in config.iteration_groups:
+        for p in range(m + b):
+            last, first = p == m + b - 1, p == 0
+            cost = 0
+            for i in range(lo, hi + 1):
+                how = "full"
+                if skip_wasted and i == hi and not last:
+                    how = "kv_only"
+                elif skip_wasted and first and config.kv_sources[i] > i:
+                    how = "no_attention"
+                cost += layer(i, how)
+            total += cost * (1 if p < m else 3)
+    return total + 3 * 2 * T * C * V
+
+
+def naive_parallel(model: LCKVModel, x, m: int, b: int):
+    """The parallel computation as it was before the wasted work was cut: every pass runs every
+    layer of the group in full. Same results; kept to measure the saving side by side."""
+    kv, done = PassKVs(), 0
+    for lo, hi in model.config.iteration_groups:
+        x = model.run_layers(x, kv, range(done, lo))
+        model.start_group(x, kv, (lo, hi))
+        for p in range(m + b):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and p >= m):
+                h = model.run_layers(x, kv, range(lo, hi + 1))
+        x, done = h, hi + 1
+    return model.run_layers(x, kv, range(done, model.config.n_layer)), kv
 
 
 def bench_train(args) -> dict:
     shape = replace(SHAPES[args.shape], block_size=max(args.train_len, args.seq_train_len))
     device, dtype = args.device, dtype_of(args.dtype)
     rows = []
-    for name, config in variants(shape, args.warmups).items():
+    for name, config in variants(shape, args.w).items():
         torch.manual_seed(0)
         model = LCKVModel(config).to(device=device, dtype=dtype)
         for mode, T in (("parallel", args.train_len), ("sequential", args.seq_train_len)):
@@ -299,7 +329,7 @@ def bench_train(args) -> dict:
                 model.zero_grad(set_to_none=True)
                 model(idx[:, :-1], idx[:, 1:], mode=mode)[1].backward()
 
-            times = timeit(step, device, warmup=1, reps=args.reps)
+            times = timeit(step, device, untimed=1, reps=args.reps)
             rows.append({"model": name, "mode": mode, "seq_len": T, "times_s": times,
                          "median_ms": 1e3 * statistics.median(times),
                          "flops": training_flops(config, T, config.forward_passes,
@@ -313,8 +343,50 @@ def bench_train(args) -> dict:
             r["within_flops_plus_10pct"] = r["time_ratio"] <= 1.1 * r["flop_ratio"]
     table(rows, ["model", "mode", "seq_len", "median_ms", "time_ratio", "flop_ratio",
                  "within_flops_plus_10pct"],
-          f"Training step: {args.shape} shape, batch {args.train_batch}, m=7, b=2")
+          f"Training step: {args.shape} shape, batch {args.train_batch}, "
+          f"m={shape.forward_passes}, b={shape.backward_passes}")
     return {"rows": rows, "settings": {"shape": args.shape, "batch": args.train_batch}}
+
+
+def bench_passes(args) -> dict:
+    """Training-step time of LCKV w=2 with every pass in full (before) and with the wasted work
+    cut (after, what the model does), interleaved in one run, next to the FLOP prediction."""
+    device, dtype = args.device, dtype_of(args.dtype)
+    rows = []
+    for n_layer in args.pass_layers:
+        config = replace(SHAPES[args.shape], n_layer=n_layer, block_size=args.train_len,
+                         layer_types=make_layer_types("lckv", n_layer, warmup=2))
+        torch.manual_seed(0)
+        model = LCKVModel(config).to(device=device, dtype=dtype)
+        idx = torch.randint(0, config.vocab_size, (args.train_batch, args.train_len + 1),
+                            device=device)
+        m, b = config.forward_passes, config.backward_passes
+
+        def step(parallel):
+            model.zero_grad(set_to_none=True)
+            h, _ = parallel(model, model.embed(idx[:, :-1]), m, b)
+            logits = model.head(h)
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                              idx[:, 1:].flatten()).backward()
+
+        plans = {"before": naive_parallel, "after": LCKVModel.forward_parallel}
+        times = {name: [] for name in plans}
+        for _ in range(args.reps):  # interleaved, so drift in the machine hits both alike
+            for name, plan in plans.items():
+                times[name] += timeit(lambda: step(plan), device, untimed=1, reps=1)
+        before, after = (statistics.median(times[k]) for k in ("before", "after"))
+        T = args.train_len
+        rows.append({"n_layer": n_layer, "layer_types": config.layer_types,
+                     "before_ms": 1e3 * before, "after_ms": 1e3 * after,
+                     "times_s": times, "time_ratio": after / before,
+                     "flop_ratio": training_flops(config, T, m, b)
+                     / training_flops(config, T, m, b, skip_wasted=False)})
+    table(rows, ["n_layer", "before_ms", "after_ms", "time_ratio", "flop_ratio"],
+          f"Cutting the wasted work of the passes: LCKV w=2, {args.shape} shape, T={args.train_len}"
+          f", batch {args.train_batch}, m+b={SHAPES[args.shape].forward_passes}"
+          f"+{SHAPES[args.shape].backward_passes}")
+    return {"rows": rows, "settings": {"shape": args.shape, "batch": args.train_batch,
+                                       "seq_len": args.train_len}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,10 +405,10 @@ def bench_streaming(args) -> dict:
             n_new = args.stream_len
 
             def run():
-                generate(model, idx, n_new, temperature=0, sink_size=4, window_size=window)
+                generate(model, idx, n_new, sampling=GREEDY, sink_size=4, window_size=window)
 
             with torch.inference_mode():
-                times = timeit(run, device, warmup=1, reps=args.reps)
+                times = timeit(run, device, untimed=1, reps=args.reps)
             rows.append({"model": name, "cache_tokens": 4 + window, "generated": n_new,
                          "cache_bytes": cache_bytes(config, 1, 4 + window, dtype),
                          "times_s": times,
@@ -419,7 +491,7 @@ def plot(name: str, result: dict, out_dir: Path) -> Path | None:
 
 
 BENCHES = {"memory": bench_memory, "throughput": bench_throughput, "prefill": bench_prefill,
-           "train": bench_train, "streaming": bench_streaming}
+           "train": bench_train, "passes": bench_passes, "streaming": bench_streaming}
 
 
 def parse_args(argv=None):
@@ -433,12 +505,15 @@ def parse_args(argv=None):
     p.add_argument("--cpu-budget-gib", type=float, default=0.12, help="budget of small shapes")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--gen-len", type=int, default=1024)
-    p.add_argument("--warmups", type=int, nargs="+", default=[2, 10], help="w values to compare")
+    p.add_argument("--w", type=int, nargs="+", default=[2, 10],
+                   help="LCKV warmup-layer counts w to compare")
     p.add_argument("--max-batch-cap", type=int, default=None, help="never time larger batches")
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[16, 64, 256])
     p.add_argument("--train-len", type=int, default=256)
     p.add_argument("--seq-train-len", type=int, default=16)
     p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--pass-layers", type=int, nargs="+", default=[6, 12],
+                   help="depths for the passes benchmark")
     p.add_argument("--windows", type=int, nargs="+", default=[28, 124, 508])
     p.add_argument("--stream-len", type=int, default=1024)
     p.add_argument("--reps", type=int, default=3)

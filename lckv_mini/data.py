@@ -36,19 +36,31 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(dest: Path, data: bytes) -> None:
-    """Write to a temporary file beside dest, then rename: a reader sees all or nothing."""
+def atomic_write(dest: Path, write) -> None:
+    """Call write(file) on a temporary file beside dest, then rename it over dest: a reader sees
+    the old file or the whole new one, never a part. The file and its folder are fsynced, so
+    the rename survives a crash; on any error the temporary file is removed."""
+    dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
+        folder = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(dest: Path, data: bytes) -> None:
+    atomic_write(dest, lambda f: f.write(data))
 
 
 def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
@@ -105,17 +117,36 @@ def gpt2_encoding():
             "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4, or use --tokenizer char.") from e
 
 
+def hf_tokenizer(hf_json: str):
+    """A `tokenizers` tokenizer from the text of a tokenizer.json (an optional dependency)."""
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise ImportError("a Hugging Face tokenizer (tokenizer.json) needs the `tokenizers` "
+                          "package: pip install lckv-mini[pretrained]") from e
+    return tokenizers.Tokenizer.from_str(hf_json)
+
+
 class Tokenizer:
     """kind "gpt2": tiktoken's GPT-2 BPE, optionally compacted to the ids the corpus uses
-    (`ids[i]` is the GPT-2 id of compact id i); kind "char": one id per character."""
+    (`ids[i]` is the GPT-2 id of compact id i); kind "char": one id per character; kind "hf": a
+    pretrained model's tokenizer.json, whose whole text `hf_json` is kept (and so travels in
+    checkpoints). Text is encoded without special tokens (no BOS): the corpus is one stream."""
 
-    def __init__(self, kind: str, ids: list[int] | None = None, chars: str | None = None):
-        if kind not in ("gpt2", "char"):
-            raise ValueError(f"unknown tokenizer {kind!r}; expected 'gpt2' or 'char'")
-        self.kind, self.ids, self.chars = kind, ids, chars
+    KINDS = ("gpt2", "char", "hf")
+
+    def __init__(self, kind: str, ids: list[int] | None = None, chars: str | None = None,
+                 hf_json: str | None = None):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown tokenizer {kind!r}; expected one of {self.KINDS}")
+        self.kind, self.ids, self.chars, self.hf_json = kind, ids, chars, hf_json
         if kind == "gpt2":
             self.enc = gpt2_encoding()
             self.to_compact = {g: i for i, g in enumerate(ids)} if ids is not None else None
+        elif kind == "hf":
+            if not hf_json:
+                raise ValueError("an hf tokenizer needs the text of its tokenizer.json")
+            self.hf = hf_tokenizer(hf_json)
         else:
             if not chars:
                 raise ValueError("a char tokenizer needs its characters")
@@ -137,6 +168,8 @@ class Tokenizer:
     def vocab_size(self) -> int:
         if self.kind == "char":
             return len(self.chars)
+        if self.kind == "hf":
+            return self.hf.get_vocab_size(with_added_tokens=True)
         return len(self.ids) if self.ids is not None else self.enc.n_vocab
 
     def encode(self, text: str) -> list[int]:
@@ -145,6 +178,8 @@ class Tokenizer:
             if missing:
                 raise ValueError(f"characters {missing[:10]} are not in the vocabulary")
             return [self.stoi[ch] for ch in text]
+        if self.kind == "hf":
+            return self.hf.encode(text, add_special_tokens=False).ids
         ids = self.enc.encode_ordinary(text)
         if self.to_compact is None:
             return ids
@@ -159,16 +194,21 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if self.kind == "char":
             return "".join(self.chars[i] for i in ids)
+        if self.kind == "hf":
+            return self.hf.decode(ids, skip_special_tokens=False)
         if self.ids is not None:
             ids = [self.ids[i] for i in ids]
         return self.enc.decode(ids)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "ids": self.ids, "chars": self.chars}
+        d = {"kind": self.kind, "ids": self.ids, "chars": self.chars}
+        if self.kind == "hf":  # only then, so that the other kinds' dicts (and caches) stay as were
+            d["hf_json"] = self.hf_json
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Tokenizer:
-        return cls(d["kind"], ids=d.get("ids"), chars=d.get("chars"))
+        return cls(d["kind"], ids=d.get("ids"), chars=d.get("chars"), hf_json=d.get("hf_json"))
 
 
 # ----------------------------------------------------------------------------------------------

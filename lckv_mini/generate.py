@@ -4,14 +4,24 @@ The cache holds only the layers that compute KVs (`config.kv_layers`): L layers 
 model, w+1 for LCKV with w warmup layers. That is the whole memory saving of the paper (Sec. 3).
 After the prompt, one decode step is one pass over the layers: a layer reading from above sees
 the cached KVs of earlier tokens only (the masked diagonal), so nothing is iterated.
+
+Decoding lives here, outside the model, and uses only its public surface (`embed`, `step`,
+`forward_parallel`, the group passes, `head`, `rope`), as gpt-fast's `prefill` and
+`decode_one_token` do. Prompts of different lengths share a batch by left padding: the pad
+positions are invisible to every layer (see `model.attention`), so each row is what it would be
+alone.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from .model import LCKVConfig, LCKVModel, apply_rope
+from .config import LCKVConfig
+from .convergence import max_kv_change
+from .model import LCKVModel, PassKVs, apply_rope
 
 # ----------------------------------------------------------------------------------------------
 # The cache
@@ -39,7 +49,7 @@ class KVCache:
     """
 
     def __init__(self, config: LCKVConfig, batch_size: int, capacity: int, *, dtype=torch.float32,
-                 device=None, sink_size: int | None = None):
+                 device=None, sink_size: int | None = None, pad: Tensor | None = None):
         if capacity <= 0 or batch_size <= 0:
             raise ValueError(f"cache needs a positive capacity and batch, got {capacity}, "
                              f"{batch_size}")
@@ -51,14 +61,17 @@ class KVCache:
         self.k = {j: torch.zeros(self.shape, dtype=dtype, device=device) for j in self.layers}
         self.v = {j: torch.zeros(self.shape, dtype=dtype, device=device) for j in self.layers}
         self.length = {j: 0 for j in self.layers}
+        self.pad = pad  # (B,) left padding of each row, or None; see `attention`
 
     @property
     def seq_len(self) -> int:
         return min(self.length.values())
 
-    def reset(self) -> None:
-        """Forget every token (the buffers are kept for the next generation)."""
+    def reset(self, pad: Tensor | None = None) -> None:
+        """Forget every token (the buffers are kept for the next generation); pad: the new
+        batch's left padding."""
         self.length = {j: 0 for j in self.layers}
+        self.pad = pad
 
     @property
     def nbytes(self) -> int:
@@ -95,44 +108,53 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling: small pure functions
+# Sampling: the options in one place, and small pure functions
 
 
-def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
-                    top_p: float | None = None) -> Tensor:
-    """(B, V) logits -> (B, V) probabilities after temperature, top-k and top-p (nucleus)."""
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn: temperature (0 is greedy), then top-k, then top-p."""
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
+def logits_to_probs(logits: Tensor, sampling: Sampling = Sampling()) -> Tensor:
+    """(B, V) logits -> (B, V) probabilities after temperature, top-k and top-p (nucleus).
+    Temperature must be positive here (greedy decoding needs no probabilities)."""
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None:
+        kth = torch.topk(logits, min(sampling.top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if top_p is not None:
+    if sampling.top_p is not None:
         # Keep the smallest set of most likely tokens whose total probability reaches top_p:
         # a token stays if the probability of the tokens ranked above it is still below top_p.
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         above = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, above >= top_p)
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, above >= sampling.top_p)
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
 
 
-def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """(B, V) logits -> (B, 1) token ids; temperature 0 is greedy."""
-    if temperature == 0:
+def sample(logits: Tensor, sampling: Sampling = Sampling(),
+           generator: torch.Generator | None = None) -> Tensor:
+    """(B, V) logits -> (B, 1) token ids."""
+    if sampling.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator)
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return torch.multinomial(logits_to_probs(logits, sampling), 1, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,42 +163,95 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 ADAPTIVE_TOL = 1e-5  # largest KV change between two passes at which adaptive prefill stops
 
 
+def left_pad(prompts, device=None) -> tuple[Tensor, Tensor | None]:
+    """A (B, P) tensor, or a list of token sequences of any lengths, -> (idx (B, P), pad).
+
+    Shorter prompts are padded on the left (with token 0, never seen); pad (B,) counts each
+    row's padding, None when every prompt has the same length.
+    """
+    if isinstance(prompts, Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"expected prompts of shape (batch, time) or a list of token "
+                             f"sequences, got a tensor of shape {tuple(prompts.shape)}")
+        if prompts.size(1) == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        return prompts, None
+    rows = [torch.as_tensor(p, dtype=torch.long, device=device) for p in prompts]
+    if not rows:
+        raise ValueError("no prompts were given")
+    for i, row in enumerate(rows):
+        if row.dim() != 1:
+            raise ValueError(f"prompt {i} has shape {tuple(row.shape)}; each prompt in a list "
+                             "must be a 1-D sequence of token ids")
+        if row.numel() == 0:
+            raise ValueError(f"prompt {i} is empty: give at least one token")
+    P = max(len(r) for r in rows)
+    pad = torch.tensor([P - len(r) for r in rows], device=rows[0].device)
+    idx = torch.stack([torch.cat([r.new_zeros(P - len(r)), r]) for r in rows])
+    return idx, (pad if bool(pad.any()) else None)
+
+
+@torch.no_grad()
+def adaptive_parallel(model: LCKVModel, x: Tensor, kv: PassKVs, max_passes: int, tol: float
+                      ) -> tuple[Tensor, int]:
+    """The parallel computation, each group stopping at the first pass whose largest KV change
+    (over real tokens) is within tol, at most max_passes. Returns hidden states and the most
+    passes any group used."""
+    done, most = 0, 1
+    for group in model.config.iteration_groups:
+        x = model.run_layers(x, kv, range(done, group[0]))
+        model.start_group(x, kv, group)
+        layers = model.group_kv_layers(group)
+        for p in range(max_passes):
+            before = {j: kv[j] for j in layers}
+            h = model.group_pass(x, kv, group, first=p == 0, last=True)
+            if p > 0 and max_kv_change(before, kv, kv.pad) <= tol:
+                break
+        most = max(most, p + 1)
+        x, done = h, group[1] + 1
+    return model.run_layers(x, kv, range(done, model.config.n_layer)), most
+
+
 @torch.no_grad()
 def encode_prompt(model: LCKVModel, idx: Tensor, cache: KVCache, mode: str = "parallel",
                   tol: float = ADAPTIVE_TOL) -> tuple[Tensor, int]:
-    """Encode the prompt idx (B, P) into an empty cache; returns (logits of the last token (B, V),
-    passes used).
+    """Encode the prompt idx (B, P) into an empty cache (whose `pad` marks left padding);
+    returns (logits of the last token (B, V), passes used per group).
 
-    "parallel": the paper's iteration with m + b passes (exact when m + b >= P, Theorem 1).
-    "sequential": token by token (P steps). "adaptive": iterate until no cached KV changes by
-    more than `tol` between two passes, at most m + b passes.
+    "parallel": the paper's iteration with m + b passes per group (exact when m + b >= P,
+    Theorem 1). "sequential": token by token (P steps). "adaptive": each group iterates until no
+    cached KV changes by more than `tol` between two passes, at most m + b passes.
     """
     c = model.config
     if mode == "sequential":
+        x = model.embed(idx)
         for t in range(idx.size(1)):
-            h = model.step(idx[:, t:t + 1], cache)
+            h = model.step(x[:, t:t + 1], cache)
         passes = idx.size(1)
     elif mode in ("parallel", "adaptive"):
-        x = model.model.embed_tokens(idx)
-        h, kv, passes = model.forward_parallel(x, c.forward_passes, c.backward_passes,
-                                               tol=tol if mode == "adaptive" else None)
+        kv = PassKVs(pad=cache.pad)
+        m, b = c.forward_passes, c.backward_passes
+        if mode == "parallel":
+            h, _ = model.forward_parallel(model.embed(idx), m, b, kv)
+            passes = m + b if c.iteration_groups else 1
+        else:
+            h, passes = adaptive_parallel(model, model.embed(idx), kv, m + b, tol)
         for j in c.kv_layers:
             cache.write(j, *kv[j])
     else:
         raise ValueError(f"prefill must be 'parallel', 'sequential' or 'adaptive', got {mode!r}")
-    return model._head(h[:, -1:], None)[0][:, -1], passes
+    return model.head(h[:, -1:])[:, -1], passes
 
 
 @torch.no_grad()
 def decode_one_token(model: LCKVModel, token: Tensor, cache: KVCache) -> Tensor:
     """One step: token (B, 1) -> logits (B, V) of the next token; one pass over the layers."""
-    return model._head(model.step(token, cache), None)[0][:, -1]
+    return model.head(model.step(model.embed(token), cache))[:, -1]
 
 
 @torch.no_grad()
-def generate_stream(model: LCKVModel, idx: Tensor, max_new_tokens: int, *,
-                    temperature: float = 1.0, top_k: int | None = None,
-                    top_p: float | None = None, generator: torch.Generator | None = None,
+def generate_stream(model: LCKVModel, prompts, max_new_tokens: int, *,
+                    sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
                     prefill: str = "parallel", stop_tokens=None, sink_size: int | None = None,
                     window_size: int | None = None, tol: float = ADAPTIVE_TOL,
                     cache: KVCache | None = None):
@@ -184,18 +259,20 @@ def generate_stream(model: LCKVModel, idx: Tensor, max_new_tokens: int, *,
     See `generate` for the arguments. `cache`: a KVCache to fill (it is reset first) instead of
     a new one, to reuse its buffers or to watch it; its capacity must fit the generation."""
     c = model.config
+    param = model.lm_head.weight
+    idx, pad = left_pad(prompts, param.device)
     model.check_input(idx)
     B, P = idx.shape
-    if P == 0:
-        raise ValueError("the prompt is empty: give at least one token")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    check_sampling(temperature, top_k, top_p)
     streaming = sink_size is not None or window_size is not None
     if streaming:
         if sink_size is None or window_size is None or sink_size < 0 or window_size < 1:
             raise ValueError("streaming needs both sink_size >= 0 and window_size >= 1, got "
                              f"sink_size={sink_size}, window_size={window_size}")
+        if pad is not None:
+            raise ValueError("prompts of different lengths cannot stream: the attention sinks "
+                             "would be padding; stream them one at a time")
         capacity = sink_size + window_size
         if capacity > c.block_size:
             raise ValueError(f"sink_size + window_size = {capacity} exceeds block_size="
@@ -210,57 +287,64 @@ def generate_stream(model: LCKVModel, idx: Tensor, max_new_tokens: int, *,
                              f"exceeds block_size={c.block_size}; use sink_size and window_size "
                              "to stream past it")
     stop = torch.tensor(sorted(set(stop_tokens or ())), dtype=idx.dtype, device=idx.device)
-    param = model.lm_head.weight
     if cache is None:
         cache = KVCache(c, B, capacity, dtype=param.dtype, device=param.device,
-                        sink_size=sink_size if streaming else None)
+                        sink_size=sink_size if streaming else None, pad=pad)
     else:
         fits = cache.capacity == capacity if streaming else cache.capacity >= capacity
         if cache.shape[0] != B or not fits or cache.sink_size != (sink_size if streaming else None):
             raise ValueError(f"the given cache (batch {cache.shape[0]}, capacity {cache.capacity}, "
                              f"sink_size {cache.sink_size}) does not fit this generation (batch "
                              f"{B}, {capacity} tokens, sink_size {sink_size})")
-        cache.reset()
+        cache.reset(pad=pad)
     capacity = cache.capacity
     logits, _ = encode_prompt(model, idx, cache, prefill, tol)
     done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
     token = idx[:, -1:]
     for i in range(max_new_tokens):
         # a finished row repeats the stop token it produced
-        token = torch.where(done, token, sample(logits, temperature, top_k, top_p, generator))
+        token = torch.where(done, token, sample(logits, sampling, generator))
         if len(stop):
             done |= torch.isin(token, stop)
         yield token, logits
         if i == max_new_tokens - 1 or bool(done.all()):
             return
         if cache.seq_len == capacity:  # streaming: make room for one more token
-            cache.evict(1, model.rope_cos[1].to(param.dtype), model.rope_sin[1].to(param.dtype))
+            cos, sin = model.rope(1, 1, param.dtype, param.device)
+            cache.evict(1, cos[0], sin[0])
         logits = decode_one_token(model, token, cache)
 
 
 @torch.no_grad()
-def generate(model: LCKVModel, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, prefill: str = "parallel",
-             stop_tokens=None, sink_size: int | None = None, window_size: int | None = None,
-             tol: float = ADAPTIVE_TOL) -> Tensor:
-    """Continue the prompts idx (B, P) (equal lengths) by up to max_new_tokens tokens.
+def generate(model: LCKVModel, prompts, max_new_tokens: int, *,
+             sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
+             prefill: str = "parallel", stop_tokens=None, sink_size: int | None = None,
+             window_size: int | None = None, tol: float = ADAPTIVE_TOL,
+             cache: KVCache | None = None):
+    """Continue the prompts by up to max_new_tokens tokens.
 
-    temperature 0 is greedy; top_k / top_p filter before sampling; `generator` seeds it.
-    prefill: "parallel" (m + b passes), "sequential" or "adaptive" (see `encode_prompt`).
-    stop_tokens: a row that samples one of them stops (it repeats that token while the other rows
-    go on); generation ends when every row has stopped. With sink_size and window_size the cache
-    streams (StreamingLLM): it keeps the first sink_size tokens and the latest ones, so memory is
-    flat and generation may run past block_size.
-    Returns (B, P + n) tokens: the prompt and its continuation.
+    prompts: a (B, P) tensor, or a list of token sequences of any lengths (padded on the left,
+    invisibly: each row is what it would be alone). sampling: temperature (0 is greedy), top_k,
+    top_p; `generator` seeds it. prefill: "parallel" (m + b passes), "sequential" or "adaptive"
+    (see `encode_prompt`). stop_tokens: a row that samples one of them stops (it repeats that
+    token while the other rows go on); generation ends when every row has stopped. With
+    sink_size and window_size the cache streams (StreamingLLM): it keeps the first sink_size
+    tokens and the latest ones, so memory is flat and generation may run past block_size.
+    The model runs in eval mode (no dropout) and gets its mode back afterwards.
+    Returns (B, P + n) tokens for a tensor, or a list of 1-D tensors (each prompt and its
+    continuation) for a list.
     """
     was_training = model.training
     model.eval()
     try:
         new = [t for t, _ in generate_stream(
-            model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            generator=generator, prefill=prefill, stop_tokens=stop_tokens, sink_size=sink_size,
-            window_size=window_size, tol=tol)]
+            model, prompts, max_new_tokens, sampling=sampling, generator=generator,
+            prefill=prefill, stop_tokens=stop_tokens, sink_size=sink_size,
+            window_size=window_size, tol=tol, cache=cache)]
     finally:
         model.train(was_training)
-    return torch.cat([idx, *new], dim=1)
+    if isinstance(prompts, Tensor):
+        return torch.cat([prompts, *new], dim=1)
+    tail = torch.cat(new, dim=1) if new else None
+    return [torch.cat([torch.as_tensor(p, dtype=torch.long, device=model.lm_head.weight.device),
+                       *([] if tail is None else [tail[i]])]) for i, p in enumerate(prompts)]

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 
+from .checkpoint import load_model
 from .data import DataError
-from .train import load_model, resolve_device, sample_text
+from .generate import Sampling
+from .train import resolve_device, sample_text
 
 
 def main(argv=None) -> list[str]:
@@ -31,8 +33,9 @@ def main(argv=None) -> list[str]:
         texts = []
         for i in range(args.num_samples):
             texts.append(sample_text(
-                model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, prefill=args.prefill,
+                model, tokenizer, args.prompt, args.max_new_tokens,
+                Sampling(args.temperature, args.top_k, args.top_p), seed=args.seed + i,
+                prefill=args.prefill,
                 sink_size=args.sink_size, window_size=args.window_size))
             print(texts[-1] + ("\n---------------" if args.num_samples > 1 else ""))
     except (DataError, FileNotFoundError, ValueError) as e:

@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -23,19 +22,31 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .checkpoint import (
+    CHECKPOINT,
+    check_same_config,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import LAYOUTS, LCKVConfig, make_layer_types
 from .data import (
     DataError,
     Tokenizer,
+    atomic_write_bytes,
     get_batch,
     read_text,
     shakespeare_path,
     split,
     tokenize_cached,
 )
-from .model import LCKVConfig, LCKVModel, make_layer_types
+from .generate import Sampling, generate
+from .model import LCKVModel
+from .pretrained import init_config, init_model, load_tokenizer
 
-CHECKPOINT = "ckpt.pt"
 LOG = "log.jsonl"
+SAMPLE_SAMPLING = Sampling(temperature=0.8, top_k=50)  # what the end-of-run sample uses
 
 
 @dataclass
@@ -46,9 +57,14 @@ class TrainConfig:
     tokenizer: str = "gpt2"  # "gpt2" (tiktoken r50k_base) or "char"
     compact_vocab: bool = True  # keep only the GPT-2 ids the corpus uses
     # model
-    layers_kind: str = "lckv"  # lckv | standard | cla | yoco, or a raw layer_types string
-    warmup: int = 2  # w, for lckv
+    # A local Hugging Face Llama folder to continue training from: its config.json sets the
+    # model's shape (n_layer ... tie_embeddings below are then ignored), its weights are
+    # converted to layers_kind, its tokenizer.json replaces `tokenizer`. See pretrained.py.
+    init_from: str | None = None
+    layers_kind: str = "lckv"  # one of config.LAYOUTS, or a raw layer_types string
+    warmup_layers: int = 2  # w, for lckv: standard layers kept at the bottom and top
     cla_group: int = 2
+    n_kv_layers: int | None = None  # for the families of arXiv 2410.14442 (default n_layer // 2)
     n_layer: int = 6
     n_head: int = 4
     n_kv_head: int = 4
@@ -67,10 +83,11 @@ class TrainConfig:
     max_iters: int = 800
     lr: float = 2e-3
     min_lr: float = 2e-4
-    warmup_iters: int = 30
+    lr_warmup_iters: int = 30  # linear learning-rate warmup
     lr_decay_iters: int | None = None  # cosine horizon; default max_iters
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    activation_checkpointing: bool = False  # recompute layers in backward: less memory, more time
     # evaluation, logging, checkpoints
     eval_interval: int = 100
     eval_iters: int = 10
@@ -87,9 +104,15 @@ class TrainConfig:
     progress: bool = True
 
 
+# Learning-rate schedules by name (--lr-preset); explicit --lr etc. still win. "continue":
+# continued training of a pretrained model (--init-from), whose weights a from-scratch rate
+# would wreck: a small peak, a short warmup, decay by 10x.
+LR_PRESETS = {"scratch": dict(lr=2e-3, min_lr=2e-4, lr_warmup_iters=30),
+              "continue": dict(lr=3e-5, min_lr=3e-6, lr_warmup_iters=10)}
+
 # A few seconds on a CPU: what the tests and `--smoke` run.
 SMOKE = dict(n_layer=4, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64, block_size=32,
-             batch_size=4, max_iters=20, warmup_iters=2, eval_interval=10, eval_iters=2,
+             batch_size=4, max_iters=20, lr_warmup_iters=2, eval_interval=10, eval_iters=2,
              sample_tokens=40)
 
 
@@ -104,10 +127,15 @@ def resolve_device(name: str) -> str:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> LCKVConfig:
-    kinds = ("lckv", "standard", "cla", "yoco")
-    layer_types = (make_layer_types(cfg.layers_kind, cfg.n_layer, warmup=cfg.warmup,
-                                    group=cfg.cla_group)
-                   if cfg.layers_kind in kinds else cfg.layers_kind)
+    if cfg.init_from:  # shape, vocabulary and RoPE from the folder; layout and passes from cfg
+        return init_config(cfg.init_from, cfg.layers_kind, warmup=cfg.warmup_layers,
+                           group=cfg.cla_group, n_kv_layers=cfg.n_kv_layers,
+                           sliding_window=cfg.sliding_window or max(1, cfg.block_size // 4),
+                           forward_passes=cfg.forward_passes,
+                           backward_passes=cfg.backward_passes, dropout=cfg.dropout)
+    layer_types = (make_layer_types(cfg.layers_kind, cfg.n_layer, warmup=cfg.warmup_layers,
+                                    group=cfg.cla_group, n_kv_layers=cfg.n_kv_layers)
+                   if cfg.layers_kind in LAYOUTS else cfg.layers_kind)
     return LCKVConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                       n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,
                       intermediate_size=cfg.intermediate_size, block_size=cfg.block_size,
@@ -120,11 +148,11 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> LCKVConfig:
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
     horizon = cfg.lr_decay_iters or cfg.max_iters
-    if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    if step < cfg.lr_warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.lr_warmup_iters + 1)
     if step >= horizon:
         return cfg.min_lr
-    ratio = (step - cfg.warmup_iters) / max(1, horizon - cfg.warmup_iters)
+    ratio = (step - cfg.lr_warmup_iters) / max(1, horizon - cfg.lr_warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
@@ -133,54 +161,6 @@ def unigram_entropy(ids: np.ndarray) -> float:
     counts = np.bincount(np.asarray(ids, dtype=np.int64))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: one self-describing file, written atomically, read with weights_only=True
-
-
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a crash leaves the previous checkpoint intact
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt or not an lckv-mini checkpoint: {e}") from e
-    missing = {"model", "model_config", "tokenizer", "step"} - set(ckpt if isinstance(ckpt, dict)
-                                                                   else ())
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}: not an lckv-mini checkpoint")
-    return ckpt
-
-
-def load_model(path: str | os.PathLike, device="cpu") -> tuple[LCKVModel, Tokenizer, dict]:
-    """The model and tokenizer stored in a training checkpoint."""
-    ckpt = load_checkpoint(path, device)
-    model = LCKVModel(LCKVConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), Tokenizer.from_dict(ckpt["tokenizer"]), ckpt
-
-
-def check_same_config(saved: dict, wanted: dict, path) -> None:
-    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
-    if diff:
-        lines = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"checkpoint {path} was trained with a different model config ({lines}); "
-                         "pass the same settings, or a different --out-dir to start afresh")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,28 +184,43 @@ def estimate_loss(model: LCKVModel, splits: dict, cfg: TrainConfig, device, ctx)
     return out
 
 
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, str]:
+    """(rank, world size, device) from torchrun's environment; one process without it."""
+    device = resolve_device(cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, device
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return int(os.environ["RANK"]), world, device
+
+
+def cut_log(path: Path, step: int) -> None:
+    """Drop the log records after `step`, so a resumed run logs no step twice."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train as configured; returns a summary (losses, throughput, the sample, paths)."""
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = resolve_device(cfg.device)
-    if ddp:
-        if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    master = rank == 0
-    device_type = "cuda" if device.startswith("cuda") else device
+    rank, world, device = setup_distributed(cfg)
     try:
-        return _train(cfg, rank, world, device, device_type, master, ddp)
+        return train_loop(cfg, rank, world, device)
     finally:
-        if ddp:
+        if world > 1:
             dist.destroy_process_group()
 
 
-def _train(cfg, rank, world, device, device_type, master, ddp) -> dict:
+def train_loop(cfg: TrainConfig, rank: int, world: int, device: str) -> dict:
+    master, ddp = rank == 0, world > 1
+    device_type = "cuda" if device.startswith("cuda") else device
     out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / CHECKPOINT
+    ckpt_path, log_path = out_dir / CHECKPOINT, out_dir / LOG
     if cfg.mode not in ("parallel", "sequential"):
         raise ValueError(f"mode must be 'parallel' or 'sequential', got {cfg.mode!r}")
     if not cfg.resume and ckpt_path.exists():
@@ -236,9 +231,9 @@ def _train(cfg, rank, world, device, device_type, master, ddp) -> dict:
     text = read_text(cfg.data) if cfg.data else shakespeare_path(cfg.cache_dir).read_text("utf-8")
     ckpt = load_checkpoint(ckpt_path, device) if cfg.resume else None
     tokenizer = (Tokenizer.from_dict(ckpt["tokenizer"]) if ckpt
+                 else load_tokenizer(cfg.init_from) if cfg.init_from
                  else Tokenizer.fit(cfg.tokenizer, text, compact=cfg.compact_vocab))
-    ids = tokenize_cached(text, tokenizer, cfg.cache_dir)
-    train_ids, val_ids = split(ids)
+    train_ids, val_ids = split(tokenize_cached(text, tokenizer, cfg.cache_dir))
     for name, part in (("training", train_ids), ("validation", val_ids)):
         if len(part) <= cfg.block_size:
             raise DataError(f"the {name} split has {len(part)} tokens, not more than block_size="
@@ -246,10 +241,15 @@ def _train(cfg, rank, world, device, device_type, master, ddp) -> dict:
 
     # Model and optimiser
     config = model_config(cfg, tokenizer.vocab_size)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
+                         f"vocab_size is {config.vocab_size}")
     if ckpt:
         check_same_config(ckpt["model_config"], config.to_dict(), ckpt_path)
     torch.manual_seed(cfg.seed)
-    model = LCKVModel(config).to(device)
+    model = (init_model(cfg.init_from, config, device) if cfg.init_from and not ckpt
+             else LCKVModel(config).to(device))
+    model.activation_checkpointing = cfg.activation_checkpointing
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -261,8 +261,10 @@ def _train(cfg, rank, world, device, device_type, master, ddp) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         data_gen.set_state(ckpt["rng"]["data"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        set_rng_state(ckpt["rng"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        if master:
+            cut_log(log_path, step)
     raw_model = model  # saved and evaluated: the model before compile / DDP wrap it
     if cfg.compile:
         model = torch.compile(model)
@@ -276,76 +278,73 @@ def _train(cfg, rank, world, device, device_type, master, ddp) -> dict:
     entropy = unigram_entropy(train_ids)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"{len(ids):,} tokens ({tokenizer.kind}, vocab {tokenizer.vocab_size:,}); unigram "
-              f"entropy {entropy:.3f} nats; {raw_model.num_params():,} parameters; layer_types "
-              f"{config.layer_types}; mode {cfg.mode} (m={config.forward_passes}, "
-              f"b={config.backward_passes}); device {device} x {world}")
-    log = open(out_dir / LOG, "a") if master else None
-    history = []
+        print(f"{len(train_ids) + len(val_ids):,} tokens ({tokenizer.kind}, vocab "
+              f"{tokenizer.vocab_size:,}); unigram entropy {entropy:.3f} nats; "
+              f"{raw_model.num_params():,} parameters; layer_types {config.layer_types}; mode "
+              f"{cfg.mode} (m={config.forward_passes}, b={config.backward_passes}); device "
+              f"{device} x {world}")
+    history, losses = [], None
 
-    def save():
+    def log(record: dict) -> None:
+        history.append(record)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save() -> None:
         save_checkpoint(ckpt_path, {
             "model": raw_model.state_dict(), "model_config": config.to_dict(),
             "train_config": asdict(cfg), "optimizer": optimizer.state_dict(), "step": step,
             "best_val_loss": best_val, "tokenizer": tokenizer.to_dict(),
-            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state()}})
+            "rng": {**rng_state(), "data": data_gen.get_state()}})
 
     bar = tqdm(total=cfg.max_iters, initial=step, disable=not (master and cfg.progress),
                dynamic_ncols=True)
-    losses = None
-    try:
-        while True:
-            if master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
-                losses = estimate_loss(raw_model, splits, cfg, device, ctx)
-                best_val = min(best_val, losses["val"])
-                record = {"step": step, "eval_train_loss": losses["train"],
-                          "val_loss": losses["val"]}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                history.append(record)
-                tqdm.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}")
-                save()
-            if step >= cfg.max_iters:
-                break
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                # Every rank draws the same global batch and keeps its own rows.
-                x, y = get_batch(train_ids, cfg.batch_size * world, cfg.block_size, data_gen)
-                rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-                x, y = x[rows].to(device), y[rows].to(device)
-                sync = nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
-                with sync, ctx:
-                    _, loss = model(x, y, mode=cfg.mode)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item() / cfg.grad_accum
-            if ddp:  # log the global batch's loss, not this rank's share
-                total = torch.tensor(loss_sum, device=device)
-                dist.all_reduce(total)
-                loss_sum = total.item() / world
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            step += 1
-            if master:
-                record = {"step": step, "train_loss": loss_sum, "lr": lr,
-                          "tokens_per_s": tokens_per_step / dt}
-                log.write(json.dumps(record) + "\n")
-                history.append(record)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{tokens_per_step / dt:,.0f}")
-            bar.update(1)
-    finally:
-        bar.close()
-        if log:
-            log.close()
+    while True:
+        # Evaluate and save every eval_interval steps and at the end (rank 0 only)
+        if master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
+            losses = estimate_loss(raw_model, splits, cfg, device, ctx)
+            best_val = min(best_val, losses["val"])
+            log({"step": step, "eval_train_loss": losses["train"], "val_loss": losses["val"]})
+            tqdm.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}")
+            save()
+        if step >= cfg.max_iters:
+            break
+
+        # One optimiser step over grad_accum micro-batches
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            # Every rank draws the same global batch and keeps its own rows.
+            x, y = get_batch(train_ids, cfg.batch_size * world, cfg.block_size, data_gen)
+            rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+            x, y = x[rows].to(device), y[rows].to(device)
+            sync = nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
+            with sync, ctx:
+                _, loss = model(x, y, mode=cfg.mode)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+        if ddp:  # log the global batch's loss, not this rank's share
+            total = torch.tensor(loss_sum, device=device)
+            dist.all_reduce(total)
+            loss_sum = total.item() / world
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step += 1
+        if master:
+            log({"step": step, "train_loss": loss_sum, "lr": lr,
+                 "tokens_per_s": tokens_per_step / dt})
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}",
+                            tok_s=f"{tokens_per_step / dt:,.0f}")
+        bar.update(1)
+    bar.close()
 
     summary = {"step": step, "history": history, "unigram_entropy": entropy,
                "checkpoint": str(ckpt_path), "layer_types": config.layer_types,
@@ -355,16 +354,16 @@ def _train(cfg, rank, world, device, device_type, master, ddp) -> dict:
         rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
         summary["tokens_per_s"] = float(np.median(rates)) if rates else None
         if cfg.sample_tokens > 0:
-            summary["sample"] = sample_text(raw_model, tokenizer, cfg.prompt, cfg.sample_tokens,
-                                            temperature=cfg.temperature, top_k=cfg.top_k,
-                                            seed=cfg.seed)
+            summary["sample"] = sample_text(
+                raw_model, tokenizer, cfg.prompt, cfg.sample_tokens,
+                Sampling(temperature=cfg.temperature, top_k=cfg.top_k), seed=cfg.seed)
             print(f"--- sample ---\n{summary['sample']}\n--------------")
     return summary
 
 
-def sample_text(model: LCKVModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *,
-                temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
-                seed: int = 0, prefill: str = "parallel", sink_size: int | None = None,
+def sample_text(model: LCKVModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
+                sampling: Sampling = SAMPLE_SAMPLING, *, seed: int = 0,
+                prefill: str = "parallel", sink_size: int | None = None,
                 window_size: int | None = None) -> str:
     """Continue `prompt` with the decoder and return the text (prompt included)."""
     device = model.lm_head.weight.device
@@ -373,9 +372,8 @@ def sample_text(model: LCKVModel, tokenizer: Tokenizer, prompt: str, max_new_tok
     if not streaming:  # stay inside the block size
         max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
     g = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         generator=g, prefill=prefill, sink_size=sink_size,
-                         window_size=window_size)
+    out = generate(model, idx, max_new_tokens, sampling=sampling, generator=g, prefill=prefill,
+                   sink_size=sink_size, window_size=window_size)
     return tokenizer.decode(out[0].tolist())
 
 
@@ -391,13 +389,18 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--full-vocab", dest="compact_vocab", action="store_false", default=None,
                    help="keep GPT-2's whole 50,257-id vocabulary")
     p.add_argument("--no-tie", dest="tie_embeddings", action="store_false", default=None)
-    p.add_argument("--layers-kind", help="lckv, standard, cla, yoco, or a layer_types string")
+    p.add_argument("--layers-kind", help=f"one of {', '.join(LAYOUTS)}, or a layer_types "
+                   "string such as 0_6_6_6_6_6_6_7")
     p.add_argument("--mode", choices=["parallel", "sequential"])
+    p.add_argument("--lr-preset", choices=sorted(LR_PRESETS),
+                   help="lr, min_lr and lr_warmup_iters by name: 'continue' for --init-from")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--compile", action="store_true", default=None)
     p.add_argument("--resume", action="store_true", default=None)
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute each layer in the backward pass: less memory, more time")
     skip = {"tokenizer", "compact_vocab", "tie_embeddings", "layers_kind", "mode", "progress",
-            "compile", "resume"}
+            "compile", "resume", "activation_checkpointing"}
     for f in fields(TrainConfig):
         if f.name in skip:
             continue
@@ -406,8 +409,9 @@ def parse_args(argv=None) -> TrainConfig:
         p.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None,
                        help=f"default {f.default!r}")
     args = p.parse_args(argv)
-    values = {**(SMOKE if args.smoke else {}),
-              **{k: v for k, v in vars(args).items() if v is not None and k != "smoke"}}
+    values = {**(SMOKE if args.smoke else {}), **LR_PRESETS.get(args.lr_preset, {}),
+              **{k: v for k, v in vars(args).items()
+                 if v is not None and k not in ("smoke", "lr_preset")}}
     return TrainConfig(**values)
 
 

@@ -7,7 +7,8 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from lckv_mini.model import LCKVConfig, LCKVModel, make_layer_types
+from lckv_mini.config import LCKVConfig, make_layer_types
+from lckv_mini.model import LCKVModel
 
 settings.register_profile(
     "default", deadline=None, max_examples=int(os.environ.get("LCKV_EXAMPLES", 100)),

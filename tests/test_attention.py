@@ -8,7 +8,8 @@ from conftest import random_model, random_tokens
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lckv_mini.model import LCKVConfig, attention
+from lckv_mini.config import LCKVConfig
+from lckv_mini.model import attention
 
 
 def reference_attention(q, k, v, q_start, mask_diagonal, window):

@@ -1,8 +1,11 @@
 """Layer layouts and the clear errors for bad configurations."""
 
+import dataclasses
+
 import pytest
 
-from lckv_mini.model import LCKVConfig, LCKVModel, make_layer_types
+from lckv_mini.config import LCKVConfig, make_layer_types
+from lckv_mini.model import LCKVModel
 
 BASE = dict(vocab_size=10, n_layer=4, n_head=2, n_kv_head=1, n_embd=8, intermediate_size=8,
             block_size=8)
@@ -25,9 +28,58 @@ def test_layer_types_forms_and_derived_fields():
     assert a.kv_sources == (0, 3, 3, 3)
     assert a.sliding_layers == (False, False, False, True)
     assert a.kv_layers == (0, 3)
-    assert a.iteration_block == (1, 3)
+    assert a.iteration_groups == ((1, 3),)
     assert LCKVConfig(**BASE).layer_types == "0_1_2_3"
-    assert LCKVConfig(**BASE).iteration_block is None
+    assert LCKVConfig(**BASE).iteration_groups == ()
+    assert LCKVConfig(**a.to_dict()) == a  # derived fields are not arguments
+
+
+def test_config_is_frozen():
+    config = LCKVConfig(**BASE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.forward_passes = 3
+
+
+@pytest.mark.parametrize("layer_types, groups", [
+    ("0_1_2_3_4_5", ()),
+    ("5_5_5_5_5_5", ((0, 5),)),
+    ("0_4_4_4_4_5", ((1, 4),)),
+    ("1_1_3_3_5_5", ((0, 1), (2, 3), (4, 5))),  # lasagna-top: three groups
+    ("2_2_2_5_5_5", ((0, 2), (3, 5))),
+    ("0_2_2_4_4_5", ((1, 2), (3, 4))),
+    ("0_3_0_3_5_5", ((1, 3), (4, 5))),  # layer 2 reads below the group: still inside it
+    ("0_3_5_3_5_5", ((1, 5),)),  # layer 2 reads beyond the top 3 that layer 1 set: one group
+    ("1_1_1_3_3_5", ((0, 1),)),  # layers reading themselves or below open no group
+])
+def test_iteration_groups(layer_types, groups):
+    assert LCKVConfig(**{**BASE, "n_layer": 6}, layer_types=layer_types).iteration_groups == groups
+
+
+def test_study_families_match_the_official_examples():
+    # arXiv 2410.14442 as the official README writes its examples (22 layers)
+    assert make_layer_types("sandwich-middle", 22, n_kv_layers=3) == "_".join(
+        ["0"] + ["10"] * 20 + ["21"])
+    assert make_layer_types("sandwich-top", 22, n_kv_layers=3) == "_".join(
+        ["0"] + ["20"] * 20 + ["21"])  # LCKV w=2
+    assert make_layer_types("lasagna-bottom", 22, n_kv_layers=11) == make_layer_types(
+        "cla", 22, group=2)
+    for w in (0, 2, 4):  # LCKV is sandwich-top with w + 1 KV layers
+        assert make_layer_types("sandwich-top", 8, n_kv_layers=w + 1) == make_layer_types(
+            "lckv", 8, warmup=w)
+    assert make_layer_types("pizza-bottom", 6, n_kv_layers=3) == "0_1_2_2_2_2"
+    assert make_layer_types("pizza-top", 6, n_kv_layers=1) == "5_5_5_5_5_5"
+    assert make_layer_types("sandwich-bottom", 6, n_kv_layers=3) == "0_1_1_1_1_5"
+    assert make_layer_types("sandwich-middle", 7, n_kv_layers=2) == "0_3_3_3_3_3_3"
+    assert make_layer_types("lasagna-top", 6, n_kv_layers=3) == "1_1_3_3_5_5"
+    assert make_layer_types("lasagna-middle", 7, n_kv_layers=2) == "1_1_1_1_5_5_5"
+    assert make_layer_types("lasagna-top", 7, n_kv_layers=2) == "3_3_3_3_6_6_6"
+
+
+def test_mixattention_pattern_parses():
+    mix = "0_1s_1s_3s_3s_3s_0_7s_7s_9s_9s_9s_12_13s_13s_15s_15s_15s_12_19s_19s_19s"
+    config = LCKVConfig(**{**BASE, "n_layer": 22}, layer_types=mix, sliding_window=4)
+    assert config.kv_layers == (0, 1, 3, 7, 9, 12, 13, 15, 19)
+    assert config.iteration_groups == ()  # every layer reads itself or below
 
 
 def test_reading_layers_have_no_kv_weights():
@@ -46,7 +98,8 @@ def test_reading_layers_have_no_kv_weights():
     (dict(layer_types="0__2_3"), "expected a layer index"),
     (dict(layer_types="2_3_3_3"), "layer 2 computes no KVs"),
     (dict(layer_types="0_1_2_3s"), "sliding_window"),
-    (dict(n_head=3, n_kv_head=1, n_embd=9), "even for RoPE"),
+    (dict(n_head=3, n_kv_head=1, n_embd=9), "even integer for RoPE"),
+    (dict(head_dim=3), "even integer for RoPE"),
     (dict(n_head=3, n_kv_head=2, n_embd=12), "not divisible by n_kv_head"),
     (dict(n_embd=9), "not divisible by n_head"),
     (dict(n_layer=0), "n_layer must be a positive integer"),
@@ -65,6 +118,10 @@ def test_bad_config_raises_clear_error(changes, message):
     ("lckv", dict(warmup=3), "must be even"),
     ("lckv", dict(warmup=6), "must be even and in"),
     ("cla", dict(group=0), "group size"),
+    ("sandwich-top", dict(n_kv_layers=4), "n_kv_layers <= n_layer - 1 = 3"),
+    ("pizza-middle", dict(n_kv_layers=0), "1 <= n_kv_layers"),
+    ("lasagna-top", dict(n_kv_layers=3), "n_kv_layers <= n_layer // 2 = 2"),
+    ("lasagna-up", {}, "unknown layer layout"),
     ("mla", {}, "unknown layer layout"),
 ])
 def test_bad_layout_request_raises(kind, kw, message):

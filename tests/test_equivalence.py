@@ -6,13 +6,8 @@ from conftest import configs, random_model, random_tokens, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lckv_mini.model import (
-    LCKVConfig,
-    kv_convergence,
-    kv_passes,
-    make_layer_types,
-    prefix_exactness,
-)
+from lckv_mini.config import LCKVConfig, make_layer_types
+from lckv_mini.convergence import kv_convergence, kv_passes, prefix_exactness
 
 seeds = st.integers(0, 2**16)
 
@@ -63,7 +58,7 @@ def test_logits_equal_when_passes_cover_the_sequence(config, T, seed, data):
 def test_prefix_exactness_after_k_passes(config, T, seed):
     model = random_model(config, seed)
     idx = random_tokens(config, 2, T, seed)
-    counts = prefix_exactness(model, idx, T) if config.iteration_block else [T] * T
+    counts = prefix_exactness(model, idx, T) if config.iteration_groups else [T] * T
     for k, exact in enumerate(counts, start=1):
         assert exact >= k  # after k passes the first k tokens are exact
     assert counts[-1] == T
@@ -71,7 +66,7 @@ def test_prefix_exactness_after_k_passes(config, T, seed):
 
 @given(config=configs(families=("lckv", "random")), T=st.integers(1, 8), seed=seeds)
 def test_kv_convergence_reaches_zero_by_pass_T(config, T, seed):
-    if config.iteration_block is None:
+    if not config.iteration_groups:
         return
     model = random_model(config, seed)
     mse = kv_convergence(model, random_tokens(config, 2, T, seed), T + 2)

@@ -1,6 +1,8 @@
 """The decoder: cached decoding equals the sequential model, prefill modes, cache size,
 streaming, sampling, and bad inputs."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import configs, random_model, random_tokens, rel_err
@@ -8,14 +10,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lckv_mini.generate import (
+    GREEDY,
     KVCache,
+    Sampling,
     cache_bytes,
     encode_prompt,
+    generate,
     generate_stream,
     logits_to_probs,
     sample,
 )
-from lckv_mini.model import LCKVConfig, LCKVModel, apply_rope, make_layer_types
+from lckv_mini.config import LCKVConfig, make_layer_types
+from lckv_mini.model import LCKVModel, apply_rope
 
 seeds = st.integers(0, 2**16)
 
@@ -26,20 +32,20 @@ seeds = st.integers(0, 2**16)
 def test_cached_greedy_decoding_equals_the_sequential_model(config, P, n_new, prefill, seed):
     model = random_model(config, seed)
     idx = random_tokens(config, 2, P, seed)
-    steps = list(generate_stream(model, idx, n_new, temperature=0, prefill=prefill, tol=1e-13))
+    steps = list(generate_stream(model, idx, n_new, sampling=GREEDY, prefill=prefill, tol=1e-13))
     out = torch.cat([idx] + [t for t, _ in steps], dim=1)
     full, _ = model(out, mode="sequential")  # the reference recomputes everything each time
     for i, (token, logits) in enumerate(steps):
         ref = full[:, P - 1 + i]
         assert rel_err(logits, ref) <= (1e-10 if prefill != "adaptive" else 1e-8)
         assert torch.equal(token[:, 0], ref.argmax(-1))
-    assert torch.equal(model.generate(idx, n_new, temperature=0, prefill=prefill, tol=1e-13), out)
+    assert torch.equal(generate(model, idx, n_new, sampling=GREEDY, prefill=prefill, tol=1e-13), out)
 
 
 @given(config=configs(block_size=24), P=st.integers(1, 10), seed=seeds, data=st.data())
 def test_parallel_and_adaptive_prefill_equal_sequential(config, P, seed, data):
     m = data.draw(st.integers(max(0, P - config.backward_passes), P + 1), label="m")
-    config.forward_passes = m  # m + b >= P
+    config = dataclasses.replace(config, forward_passes=m)  # m + b >= P
     model = random_model(config, seed)
     idx = random_tokens(config, 2, P, seed)
 
@@ -106,7 +112,7 @@ def test_streaming_memory_is_flat_over_ten_windows(config, sink, window, seed):
     cache = KVCache(config, 2, sink + window, dtype=torch.float64, sink_size=sink)
     pointers = tuple(t.data_ptr() for t in cache.k.values())
     sizes, lengths = [], []
-    for _token, logits in generate_stream(model, idx, n_new, temperature=0, sink_size=sink,
+    for _token, logits in generate_stream(model, idx, n_new, sampling=GREEDY, sink_size=sink,
                                           window_size=window, cache=cache):
         assert torch.isfinite(logits).all()
         sizes.append(cache.nbytes)
@@ -123,9 +129,9 @@ def test_streaming_memory_is_flat_over_ten_windows(config, sink, window, seed):
 def test_streaming_shorter_than_the_cache_equals_plain_decoding(config, P, n_new, extra, seed):
     model = random_model(config, seed)
     idx = random_tokens(config, 2, P, seed)
-    plain = model.generate(idx, n_new, temperature=0)
+    plain = generate(model, idx, n_new, sampling=GREEDY)
     capacity = P + n_new + extra
-    streamed = model.generate(idx, n_new, temperature=0, sink_size=1, window_size=capacity - 1)
+    streamed = generate(model, idx, n_new, sampling=GREEDY, sink_size=1, window_size=capacity - 1)
     assert torch.equal(plain, streamed)
 
 
@@ -134,7 +140,7 @@ def test_eviction_rotates_keys_by_their_new_slot(sink, n, length, seed):
     config = LCKVConfig(vocab_size=5, n_layer=2, n_head=2, n_kv_head=1, n_embd=8,
                         intermediate_size=4, block_size=16)
     model = LCKVModel(config).double()
-    cos, sin = model.rope_cos.double(), model.rope_sin.double()
+    cos, sin = model.rope(0, model.config.block_size, torch.float64, "cpu")
     g = torch.Generator().manual_seed(seed)
     raw_k = torch.randn(1, 1, length, 4, generator=g, dtype=torch.float64)
     v = torch.randn(1, 1, length, 4, generator=g, dtype=torch.float64)
@@ -168,7 +174,7 @@ def test_seeded_sampling_is_reproducible():
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return model.generate(idx, 12, temperature=1.0, top_k=10, top_p=0.9, generator=g)
+        return generate(model, idx, 12, sampling=Sampling(1.0, 10, 0.9), generator=g)
 
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
@@ -177,30 +183,30 @@ def test_seeded_sampling_is_reproducible():
 def test_top_k_1_equals_greedy():
     model, idx = tiny_model(), torch.tensor([[1, 2, 3]])
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(model.generate(idx, 10, temperature=0.8, top_k=1, generator=g),
-                       model.generate(idx, 10, temperature=0))
+    assert torch.equal(generate(model, idx, 10, sampling=Sampling(0.8, top_k=1), generator=g),
+                       generate(model, idx, 10, sampling=GREEDY))
 
 
 @given(probs=st.lists(st.floats(0.01, 1.0), min_size=2, max_size=12), p=st.floats(0.05, 1.0))
 def test_top_p_keeps_the_smallest_set_reaching_p(probs, p):
     logits = torch.tensor(probs, dtype=torch.float64).log()[None]
     full = logits_to_probs(logits)[0]
-    kept = logits_to_probs(logits, top_p=p)[0] > 0
+    kept = logits_to_probs(logits, Sampling(top_p=p))[0] > 0
     order = full.argsort(descending=True)
     n = int(kept.sum())
     assert kept[order[:n]].all()  # the kept tokens are the n most likely
     assert full[order[:n]].sum() >= p - 1e-6  # they reach p
     assert n == 1 or full[order[:n - 1]].sum() < p + 1e-6  # and one fewer would not
-    assert abs(logits_to_probs(logits, top_p=p)[0].sum().item() - 1) < 1e-5  # float32 sum
+    assert abs(logits_to_probs(logits, Sampling(top_p=p))[0].sum().item() - 1) < 1e-5  # float32 sum
 
 
 def test_temperature_zero_is_argmax_and_stop_tokens_end_rows():
     logits = torch.tensor([[0.1, 3.0, 0.2], [2.0, 0.0, 1.0]])
-    assert sample(logits, temperature=0).tolist() == [[1], [0]]
+    assert sample(logits, GREEDY).tolist() == [[1], [0]]
     model, idx = tiny_model(), torch.tensor([[1, 2, 3], [7, 8, 9]])
-    greedy = model.generate(idx, 10, temperature=0)
+    greedy = generate(model, idx, 10, sampling=GREEDY)
     stop = int(greedy[0, 5])
-    out = model.generate(idx, 10, temperature=0, stop_tokens=[stop])
+    out = generate(model, idx, 10, sampling=GREEDY, stop_tokens=[stop])
     row = out[0, 3:].tolist()
     first = row.index(stop)
     assert all(t == stop for t in row[first:])
@@ -215,16 +221,25 @@ def test_temperature_zero_is_argmax_and_stop_tokens_end_rows():
     (torch.tensor([[1, 40]]), {}, "token id 40 is out of range"),
     (torch.zeros(1, 33, dtype=torch.long), {}, "exceeds block_size=32"),
     (torch.zeros(1, 30, dtype=torch.long), {}, "max_new_tokens \\(5\\) = 35 exceeds block_size"),
-    (torch.zeros(1, 3, dtype=torch.long), dict(temperature=-1), "temperature"),
-    (torch.zeros(1, 3, dtype=torch.long), dict(top_k=0), "top_k"),
-    (torch.zeros(1, 3, dtype=torch.long), dict(top_p=1.5), "top_p"),
+    ([[1, 2], []], {}, "prompt 1 is empty"),
+    ([[1, 2], [[3]]], {}, "prompt 1 has shape"),
+    ([], {}, "no prompts"),
+    ([[1, 2], [3]], dict(sink_size=2, window_size=4), "cannot stream"),
     (torch.zeros(1, 3, dtype=torch.long), dict(prefill="magic"), "prefill must be"),
     (torch.zeros(1, 3, dtype=torch.long), dict(sink_size=2), "both sink_size"),
     (torch.zeros(1, 9, dtype=torch.long), dict(sink_size=2, window_size=4), "does not fit"),
 ])
 def test_bad_generation_input_raises_clear_error(idx, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        tiny_model().generate(idx, 5, **kwargs)
+        generate(tiny_model(), idx, 5, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p"),
+])
+def test_bad_sampling_options_raise_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Sampling(**kwargs)
 
 
 def test_cache_rejects_wrong_shapes_and_overflow():

@@ -7,7 +7,9 @@ from conftest import configs, random_model, random_tokens, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lckv_mini.model import LCKVConfig, LCKVModel, make_layer_types
+from lckv_mini.config import LCKVConfig, make_layer_types
+from lckv_mini.model import LCKVModel
+from lckv_mini.pretrained import from_hf_state_dict, hf_state_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,7 +34,7 @@ def hf_llama(config: LCKVConfig, state_dict):
        seed=st.integers(0, 999))
 def test_standard_config_matches_hf_llama(config, T, seed):
     model = random_model(config, seed)
-    hf = hf_llama(config, model.hf_state_dict())
+    hf = hf_llama(config, hf_state_dict(model))
     idx = random_tokens(config, 2, T, seed)
     ours, _ = model(idx)
     with torch.no_grad():
@@ -45,12 +47,13 @@ def test_standard_config_matches_hf_llama(config, T, seed):
 @given(config=configs(max_layers=4), seed=st.integers(0, 999))
 def test_hf_state_dict_round_trip(config, seed):
     model = random_model(config, seed)
-    sd = model.hf_state_dict()
+    sd = hf_state_dict(model)
     kv_names = {n for n in sd if ".k_proj." in n or ".v_proj." in n}
     assert kv_names == {f"model.layers.{i}.self_attn.{p}_proj.weight"
                         for i in config.kv_layers for p in "kv"}
-    assert "lm_head.weight" in sd and "model.norm.weight" in sd
-    loaded = LCKVModel.from_hf_state_dict(sd, config)
+    # as transformers saves it: no lm_head.weight when the head is the embedding
+    assert ("lm_head.weight" in sd) == (not config.tie_embeddings) and "model.norm.weight" in sd
+    loaded = from_hf_state_dict(sd, config)
     idx = random_tokens(config, 1, 5, seed)
     assert torch.equal(loaded(idx)[0], model(idx)[0])
 
@@ -58,9 +61,9 @@ def test_hf_state_dict_round_trip(config, seed):
 def test_mlkv_initialisation_averages_the_readers_kv_weights():
     std = LCKVConfig(vocab_size=13, n_layer=6, n_head=2, n_kv_head=1, n_embd=8,
                      intermediate_size=8, block_size=8)
-    sd = random_model(std, 0).hf_state_dict()
+    sd = hf_state_dict(random_model(std, 0))
     lckv = LCKVConfig(**{**std.to_dict(), "layer_types": make_layer_types("lckv", 6, warmup=2)})
-    model = LCKVModel.from_hf_state_dict(sd, lckv)  # layers 1..4 read layer 4
+    model = from_hf_state_dict(sd, lckv)  # layers 1..4 read layer 4
     for p in "kv":
         got = model.model.layers[4].self_attn.get_submodule(f"{p}_proj").weight
         want = torch.stack([sd[f"model.layers.{i}.self_attn.{p}_proj.weight"]
@@ -74,13 +77,13 @@ def test_mlkv_initialisation_averages_the_readers_kv_weights():
 def test_mismatched_state_dict_raises_clear_error():
     config = LCKVConfig(vocab_size=13, n_layer=2, n_head=2, n_kv_head=1, n_embd=8,
                         intermediate_size=8, block_size=8)
-    sd = LCKVModel(config).hf_state_dict()
+    sd = hf_state_dict(LCKVModel(config))
     bigger = LCKVConfig(**{**config.to_dict(), "intermediate_size": 12})
     with pytest.raises(ValueError, match="mlp.gate_proj.weight: shape"):
-        LCKVModel.from_hf_state_dict(sd, bigger)
+        from_hf_state_dict(sd, bigger)
     deeper = LCKVConfig(**{**config.to_dict(), "n_layer": 3, "layer_types": None})
     with pytest.raises(KeyError, match="no k_proj weights for layer 2"):
-        LCKVModel.from_hf_state_dict(sd, deeper)
+        from_hf_state_dict(sd, deeper)
     sd.pop("model.norm.weight")
     with pytest.raises(KeyError, match="missing \\['model.norm.weight'\\]"):
-        LCKVModel.from_hf_state_dict(sd, config)
+        from_hf_state_dict(sd, config)

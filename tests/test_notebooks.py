@@ -26,9 +26,10 @@ def test_committed_outputs_are_fresh(path):
     assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
     assert any(o.get("data", {}).get("image/png") for c in code for o in c.get("outputs", [])), \
         "no plot in the committed outputs"
-    stamp = nb["metadata"].get("lckv_mini", {}).get("source_hash")
-    assert stamp == run_all.source_hash(), (
-        f"{path.name} was executed with other package code: run `python notebooks/run_all.py`")
+    stamp = nb["metadata"].get("lckv_mini", {}).get("code_hash")
+    assert stamp == run_all.code_hash(nb), (
+        f"{path.name} has code cells edited since its outputs were made: run "
+        "`python notebooks/run_all.py`")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -13,7 +13,8 @@ import torch
 
 from lckv_mini import data as D
 from lckv_mini.sample import main as sample_main
-from lckv_mini.train import SMOKE, TrainConfig, load_checkpoint, load_model, parse_args, train
+from lckv_mini.checkpoint import load_checkpoint, load_model
+from lckv_mini.train import SMOKE, TrainConfig, parse_args, train
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAY = "".join(f"{name}:\nThou art {word}, and I am {other}; {word} be the {other} of night.\n\n"
