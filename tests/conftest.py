@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from lckv_mini.config import LCKVConfig, make_layer_types
-from lckv_mini.model import LCKVModel
+from lckv_mini.model import LCKVModel, PassKVs
 
 settings.register_profile(
     "default", deadline=None, max_examples=int(os.environ.get("LCKV_EXAMPLES", 100)),
@@ -17,7 +17,11 @@ settings.register_profile(
     derandomize=bool(os.environ.get("CI")), print_blob=True)
 settings.load_profile("default")
 
-FAMILIES = ("standard", "lckv", "cla", "yoco", "random")
+# "study": a family of arXiv 2410.14442 (pizza/sandwich/lasagna x bottom/middle/top);
+# "groups": lasagna-top or -middle, which have several iteration groups. Most families read from
+# above, so most examples reach the case the equivalence claims are about.
+FAMILIES = ("standard", "lckv", "cla", "yoco", "study", "groups", "random", "random")
+UPWARD_FAMILIES = ("lckv", "study", "groups", "random")
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
@@ -33,20 +37,37 @@ def layer_types(draw, n_layer: int, family: str):
         return make_layer_types("yoco", max(n_layer, 2))
     if family == "standard":
         return make_layer_types("standard", n_layer)
-    # random: any set of KV-computing layers; every other layer reads one of them, above or below
+    if family == "study":
+        kind = draw(st.sampled_from([f"{p}-{t}" for p in ("pizza", "sandwich", "lasagna")
+                                     for t in ("bottom", "middle", "top")]))
+        top = n_layer // 2 if kind.startswith("lasagna") else n_layer - 1
+        if top < 1:
+            return make_layer_types("lckv", n_layer, warmup=0)
+        return make_layer_types(kind, n_layer, n_kv_layers=draw(st.integers(1, top)))
+    if family == "groups":
+        if n_layer < 4:
+            return make_layer_types("lckv", n_layer, warmup=0)
+        k = draw(st.integers(2, n_layer // 2))
+        # lasagna-middle has a group only where a block holds 3 layers or more
+        kind = "lasagna-middle" if n_layer // k >= 3 and draw(st.booleans()) else "lasagna-top"
+        return make_layer_types(kind, n_layer, n_kv_layers=k)
+    # random: any set of KV-computing layers; every other layer reads one of them, mostly one
+    # above it (the masked diagonal, the iteration), sometimes one below
     computes = draw(st.lists(st.booleans(), min_size=n_layer, max_size=n_layer))
     if not any(computes):
         computes[draw(st.integers(0, n_layer - 1))] = True
     kv = [i for i, c in enumerate(computes) if c]
     parts = []
     for i, c in enumerate(computes):
-        src = i if c else draw(st.sampled_from(kv))
-        parts.append(f"{src}{'s' if draw(st.booleans()) else ''}")
+        above = [j for j in kv if j > i]
+        pool = above if above and draw(st.integers(0, 3)) else kv
+        src = i if c else draw(st.sampled_from(pool))
+        parts.append(f"{src}{'s' if draw(st.integers(0, 3)) == 0 else ''}")
     return "_".join(parts)
 
 
 @st.composite
-def configs(draw, families=FAMILIES, max_layers: int = 5, **overrides):
+def configs(draw, families=FAMILIES, max_layers: int = 6, **overrides):
     family = draw(st.sampled_from(families))
     n_layer = draw(st.integers(2 if family == "yoco" else 1, max_layers))
     n_kv_head = draw(st.sampled_from([1, 2]))
@@ -91,3 +112,31 @@ def shared_data():
     if not os.path.isdir(path):
         pytest.skip("../shared/data is not present")
     return path
+
+
+def naive_parallel(model: LCKVModel, x: torch.Tensor, m: int, b: int):
+    """An independent, plain implementation of the per-group plan (arXiv 2410.14442's reading
+    of Sec. 2.2): layers outside groups once; each group m passes without gradient then b with,
+    every layer in full every pass, from zero KVs; group k's input is group k-1's output."""
+    c = model.config
+    cos, sin = model.rope(0, x.size(1), x.dtype, x.device)
+    kv, layer = PassKVs(), model.model.layers
+    i = 0
+    while i < c.n_layer:
+        group = next((g for g in c.iteration_groups if g[0] == i), None)
+        if group is None:
+            x = layer[i](x, cos, sin, kv, 0)
+            i += 1
+            continue
+        lo, hi = group
+        for j in range(lo, hi + 1):
+            if c.kv_sources[j] == j:
+                zeros = x.new_zeros(x.size(0), c.n_kv_head, x.size(1), c.head_dim)
+                kv.write(j, zeros, zeros)
+        for p in range(m + b):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and p >= m):
+                h = x
+                for j in range(lo, hi + 1):
+                    h = layer[j](h, cos, sin, kv, 0)
+        x, i = h, hi + 1
+    return x, kv
