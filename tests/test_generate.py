@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import configs, random_model, random_tokens, rel_err
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lckv_mini.generate import (
@@ -251,3 +251,33 @@ def test_cache_rejects_wrong_shapes_and_overflow():
     cache.write(3, k, k)
     with pytest.raises(ValueError, match="overflows the cache capacity 4"):
         cache.write(3, k, k)
+
+
+# -- prompts of different lengths in one batch ------------------------------------------------
+
+
+@settings(max_examples=20)
+@given(config=configs(block_size=24), lengths=st.lists(st.integers(1, 7), min_size=2, max_size=3),
+       n_new=st.integers(1, 5), prefill=st.sampled_from(["parallel", "sequential", "adaptive"]),
+       seed=seeds)
+@example(config=LCKVConfig(vocab_size=20, n_layer=6, n_head=2, n_kv_head=1, n_embd=8,
+                           intermediate_size=8, block_size=24, layer_types="1_1_3_3_5_5"),
+         lengths=[2, 7, 4], n_new=4, prefill="parallel", seed=0)
+def test_each_row_of_a_ragged_batch_is_what_it_would_be_alone(config, lengths, n_new, prefill,
+                                                              seed):
+    config = dataclasses.replace(config, forward_passes=8)  # m + b >= every length: exact
+    model = random_model(config, seed)
+    prompts = [random_tokens(config, 1, n, seed + i)[0].tolist() for i, n in enumerate(lengths)]
+    batch = generate(model, prompts, n_new, sampling=GREEDY, prefill=prefill, tol=1e-13)
+    for prompt, row in zip(prompts, batch):
+        alone = generate(model, torch.tensor([prompt]), n_new, sampling=GREEDY, prefill=prefill,
+                         tol=1e-13)[0]
+        assert torch.equal(row, alone)
+    # and the logits, not only the argmax: the padding must be invisible to every layer
+    steps = list(generate_stream(model, prompts, n_new, sampling=GREEDY, prefill=prefill,
+                                 tol=1e-13))
+    for i, prompt in enumerate(prompts):
+        ref = list(generate_stream(model, torch.tensor([prompt]), n_new, sampling=GREEDY,
+                                   prefill=prefill, tol=1e-13))
+        for (_, got), (_, want) in zip(steps, ref):
+            assert rel_err(got[i:i + 1], want) <= (1e-10 if prefill != "adaptive" else 1e-7)
