@@ -9,9 +9,11 @@ Files and what they import (no cycles; tests/test_structure.py checks it):
     data.py         downloads, tokenizers, token caches, batches         (nothing)
     checkpoint.py   save/load training checkpoints                       (config, model, data)
     train.py        the training loop and its command line               (config, model, data,
-                                                                          checkpoint, generate)
+                                                                          checkpoint, generate,
+                                                                          sample)
     sample.py       text from a checkpoint                               (checkpoint, generate,
-                                                                          data, train)
+                                                                          data, model)
+    pretrained.py   Hugging Face folders in and out                      (config, model, data)
     bench.py        the benchmarks                                       (config, model, generate)
 """
 

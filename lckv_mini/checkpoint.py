@@ -16,6 +16,16 @@ CHECKPOINT = "ckpt.pt"
 REQUIRED = ("model", "model_config", "tokenizer", "step")
 
 
+def resolve_device(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def has_mps() -> bool:
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 

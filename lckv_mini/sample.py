@@ -7,10 +7,30 @@ from __future__ import annotations
 
 import argparse
 
-from .checkpoint import load_model
-from .data import DataError
-from .generate import Sampling
-from .train import resolve_device, sample_text
+import torch
+
+from .checkpoint import load_model, resolve_device
+from .data import DataError, Tokenizer
+from .generate import Sampling, generate
+from .model import LCKVModel
+
+DEFAULT_SAMPLING = Sampling(temperature=0.8, top_k=50)
+
+
+def sample_text(model: LCKVModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
+                sampling: Sampling = DEFAULT_SAMPLING, *, seed: int = 0,
+                prefill: str = "parallel", sink_size: int | None = None,
+                window_size: int | None = None) -> str:
+    """Continue `prompt` with the decoder and return the text (prompt included)."""
+    device = model.lm_head.weight.device
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    streaming = sink_size is not None or window_size is not None
+    if not streaming:  # stay inside the block size
+        max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = generate(model, idx, max_new_tokens, sampling=sampling, generator=g, prefill=prefill,
+                   sink_size=sink_size, window_size=window_size)
+    return tokenizer.decode(out[0].tolist())
 
 
 def main(argv=None) -> list[str]:

@@ -26,6 +26,7 @@ from .checkpoint import (
     CHECKPOINT,
     check_same_config,
     load_checkpoint,
+    resolve_device,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -41,12 +42,12 @@ from .data import (
     split,
     tokenize_cached,
 )
-from .generate import Sampling, generate
+from .generate import Sampling
 from .model import LCKVModel
 from .pretrained import init_config, init_model, load_tokenizer
+from .sample import sample_text
 
 LOG = "log.jsonl"
-SAMPLE_SAMPLING = Sampling(temperature=0.8, top_k=50)  # what the end-of-run sample uses
 
 
 @dataclass
@@ -114,16 +115,6 @@ LR_PRESETS = {"scratch": dict(lr=2e-3, min_lr=2e-4, lr_warmup_iters=30),
 SMOKE = dict(n_layer=4, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64, block_size=32,
              batch_size=4, max_iters=20, lr_warmup_iters=2, eval_interval=10, eval_iters=2,
              sample_tokens=40)
-
-
-def resolve_device(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> LCKVConfig:
@@ -359,22 +350,6 @@ def train_loop(cfg: TrainConfig, rank: int, world: int, device: str) -> dict:
                 Sampling(temperature=cfg.temperature, top_k=cfg.top_k), seed=cfg.seed)
             print(f"--- sample ---\n{summary['sample']}\n--------------")
     return summary
-
-
-def sample_text(model: LCKVModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
-                sampling: Sampling = SAMPLE_SAMPLING, *, seed: int = 0,
-                prefill: str = "parallel", sink_size: int | None = None,
-                window_size: int | None = None) -> str:
-    """Continue `prompt` with the decoder and return the text (prompt included)."""
-    device = model.lm_head.weight.device
-    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
-    streaming = sink_size is not None or window_size is not None
-    if not streaming:  # stay inside the block size
-        max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
-    g = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, idx, max_new_tokens, sampling=sampling, generator=g, prefill=prefill,
-                   sink_size=sink_size, window_size=window_size)
-    return tokenizer.decode(out[0].tolist())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_one_block_plan_differs_from_the_per_group_plan():
         ours, _ = model.forward_parallel(x, m, b)
         kv = PassKVs()
         model.start_group(x, kv, (0, 5))
-        for p in range(m + b):
+        for _ in range(m + b):
             h = model.run_layers(x, kv, range(6))
     assert rel_err(ours, h) > 1e-3
 

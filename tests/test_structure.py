@@ -78,6 +78,11 @@ def test_no_module_uses_another_modules_underscore_names():
                              if a.name.startswith("_")]
             if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
                     and not node.attr.startswith("__")
-                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                    and not (isinstance(node.value, ast.Name)
+                             and node.value.id in ("self", "cls"))):
                 offences.append(f"{path.name}:{node.lineno}: .{node.attr}")
     assert offences == []
+
+
+def test_the_sampler_does_not_import_the_trainer():
+    assert "train" not in graph()["sample"]
