@@ -61,12 +61,15 @@ def test_parallel_and_adaptive_prefill_equal_sequential(config, P, seed, data):
     for j in config.kv_layers:
         for a, b in zip(par.read(j), seq.read(j)):
             assert a.shape == b.shape and rel_err(a, b) <= 1e-10
-    ada_logits, ada, ada_passes = encode("adaptive", tol=1e-6)
-    assert ada_passes <= config.forward_passes + config.backward_passes
-    assert ada_passes <= passes
+    # Adaptive stops once a pass changes no KV by more than tol. Where it stops it is exact or,
+    # in float64 with tol 1e-12, within a few tol of the sequential KVs (the iteration is
+    # exact after P passes, and a change within tol means the remaining ones are that small on
+    # these contracting-enough random models; measured worst case below 1e-9).
+    ada_logits, ada, ada_passes = encode("adaptive", tol=1e-12)
+    assert 1 <= ada_passes <= passes
     for j in config.kv_layers:
         for a, b in zip(ada.read(j), seq.read(j)):
-            assert (a - b).abs().max() <= 1e-3  # a small tol keeps the error small too
+            assert (a - b).abs().max() <= 1e-8
 
 
 def test_adaptive_prefill_stops_early_on_a_contracting_model():
@@ -134,6 +137,33 @@ def test_streaming_shorter_than_the_cache_equals_plain_decoding(config, P, n_new
     capacity = P + n_new + extra
     streamed = generate(model, idx, n_new, sampling=GREEDY, sink_size=1, window_size=capacity - 1)
     assert torch.equal(plain, streamed)
+
+
+@settings(max_examples=20)
+@given(layer_types=st.sampled_from(["0", "0_0", "0_0_0"]), sink=st.integers(0, 3),
+       window=st.integers(2, 6), P=st.integers(1, 4), seed=seeds)
+@example(layer_types="0_0", sink=2, window=3, P=3, seed=0)
+def test_streamed_logits_equal_the_model_on_sinks_and_recent_tokens(layer_types, sink, window, P,
+                                                                    seed):
+    # Every layer reads layer 0, whose KVs depend on their own token only, so after eviction
+    # the output depends on nothing but the kept tokens: streaming must then give exactly what
+    # the model computes on (sinks + most recent tokens) from scratch. A wrong re-rotation of
+    # the kept keys, or keeping the wrong tokens, shows here.
+    n_layer = layer_types.count("_") + 1
+    config = LCKVConfig(vocab_size=30, n_layer=n_layer, n_head=2, n_kv_head=1, n_embd=8,
+                        intermediate_size=8, block_size=16, layer_types=layer_types)
+    model = random_model(config, seed)
+    P = min(P, sink + window)
+    idx = random_tokens(config, 1, P, seed)
+    n_new = 3 * (sink + window)  # evicts many times
+    steps = list(generate_stream(model, idx, n_new, sampling=GREEDY, sink_size=sink,
+                                 window_size=window))
+    seq = idx[0].tolist() + [int(t) for t, _ in steps]
+    for i, (_, logits) in enumerate(steps[1:], start=1):
+        n = P + i  # tokens in the text when these logits were computed
+        kept = seq[:n] if n <= sink + window else seq[:sink] + seq[n - window:n]
+        ref, _ = model(torch.tensor([kept]), mode="sequential")
+        assert rel_err(logits, ref[:, -1]) <= 1e-10, i
 
 
 @given(sink=st.integers(0, 3), n=st.integers(1, 3), length=st.integers(4, 9), seed=seeds)
@@ -211,7 +241,55 @@ def test_temperature_zero_is_argmax_and_stop_tokens_end_rows():
     row = out[0, 3:].tolist()
     first = row.index(stop)
     assert all(t == stop for t in row[first:])
-    assert out.size(1) <= greedy.size(1)
+    assert row[:first + 1] == greedy[0, 3:3 + first + 1].tolist()
+    # the other row did not stop: it goes on, exactly as plain greedy decoding
+    if stop not in greedy[1, 3:].tolist():
+        assert out.size(1) == greedy.size(1)
+        assert torch.equal(out[1], greedy[1])
+
+
+def test_generation_ends_only_when_every_row_has_stopped():
+    model, idx = tiny_model(), torch.tensor([[1, 2, 3], [7, 8, 9]])
+    greedy = generate(model, idx, 12, sampling=GREEDY)
+    stop = next(t for t in greedy[0, 3:].tolist() if t not in greedy[1, 3:].tolist())
+    out = generate(model, idx, 12, sampling=GREEDY, stop_tokens=[stop])
+    assert out.shape == greedy.shape  # row 1 never emits `stop`, so all 12 steps run
+    assert torch.equal(out[1], greedy[1])
+    k = greedy[0, 3:].tolist().index(stop)
+    assert out[0, 3 + k:].eq(stop).all() and torch.equal(out[0, :4 + k], greedy[0, :4 + k])
+
+
+def test_sample_draws_from_softmax_of_logits_over_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    n, g = 40000, torch.Generator().manual_seed(0)
+    for temperature in (0.5, 1.0, 2.0):
+        want = torch.softmax(logits[0] / temperature, -1)
+        draws = sample(logits.expand(n, -1), Sampling(temperature), g)[:, 0]
+        freq = torch.bincount(draws, minlength=4).double() / n
+        # 5 standard errors of a binomial proportion: fails for temperature applied twice
+        assert ((freq - want).abs() <= 5 * (want * (1 - want) / n).sqrt() + 1e-4).all(), \
+            temperature
+
+
+def test_generate_in_train_mode_decodes_as_in_eval_and_restores_the_mode():
+    config = LCKVConfig(vocab_size=40, n_layer=4, n_head=2, n_kv_head=1, n_embd=16,
+                        intermediate_size=32, block_size=32, dropout=0.5,
+                        layer_types=make_layer_types("lckv", 4, warmup=2))
+    model = random_model(config, 0, std=0.5).float()
+    idx = torch.tensor([[1, 2, 3]])
+    expected = generate(model.eval(), idx, 10, sampling=GREEDY)
+    model.train()
+    assert torch.equal(generate(model, idx, 10, sampling=GREEDY), expected)
+    assert model.training
+
+
+def test_a_reused_cache_gives_the_same_generation():
+    model, idx = tiny_model(), torch.tensor([[1, 2, 3], [4, 5, 6]])
+    cache = KVCache(model.config, 2, 16)
+    first = generate(model, idx, 10, sampling=GREEDY, cache=cache)
+    second = generate(model, idx, 10, sampling=GREEDY, cache=cache)
+    assert torch.equal(first, second)
+    assert torch.equal(first, generate(model, idx, 10, sampling=GREEDY))
 
 
 # -- bad inputs -----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 from lckv_mini import data as D
 from lckv_mini.checkpoint import load_checkpoint, load_model
 from lckv_mini.sample import main as sample_main
-from lckv_mini.train import SMOKE, TrainConfig, parse_args, train
+from lckv_mini.checkpoint import save_checkpoint
+from lckv_mini.train import SMOKE, TrainConfig, lr_at, parse_args, train
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAY = "".join(f"{name}:\nThou art {word}, and I am {other}; {word} be the {other} of night.\n\n"
@@ -73,6 +74,8 @@ def test_resume_gives_identical_losses(tmp_path, play):
                   dropout=0.1)
     train(smoke(tmp_path / "a", play, **common))
     train(smoke(tmp_path / "b", play, **{**common, "max_iters": n // 2}))
+    with open(tmp_path / "b" / "out" / "log.jsonl", "a") as f:  # logged, then a crash before
+        f.write(json.dumps({"step": n // 2 + 1, "train_loss": 99.0}) + "\n")  # the next save
     train(smoke(tmp_path / "b", play, **common, resume=True))
     a, b = steps(tmp_path / "a" / "out"), steps(tmp_path / "b" / "out")
     loss = lambda log: [(r["step"], r["train_loss"]) for r in log if "train_loss" in r]  # noqa
@@ -191,3 +194,134 @@ def test_bad_input_gives_clear_errors_and_overwrites_nothing(tmp_path, play):
         load_model(ckpt)
     with pytest.raises(SystemExit, match="no checkpoint"):
         sample_main(["--checkpoint", str(tmp_path / "none.pt")])
+
+
+# -- the parts of the loop ------------------------------------------------------------------
+
+
+def test_learning_rate_schedule_end_points_and_shape():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, lr_warmup_iters=10, max_iters=200, lr_decay_iters=110)
+    assert lr_at(0, cfg) == pytest.approx(1 / 11)  # warmup starts above zero
+    assert lr_at(9, cfg) == pytest.approx(10 / 11)
+    assert lr_at(10, cfg) == pytest.approx(1.0)  # the peak, right after warmup
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # cosine: half way down at half the horizon
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(199, cfg) == pytest.approx(0.1)
+    rates = [lr_at(i, cfg) for i in range(200)]
+    assert all(a < b for a, b in zip(rates[:10], rates[1:11]))  # rising during warmup
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))  # never rising after it
+    assert lr_at(109, TrainConfig(lr=1.0, min_lr=0.1, lr_warmup_iters=10, max_iters=110)) > 0.1
+
+
+def test_get_batch_targets_are_the_next_tokens():
+    ids = np.arange(1000, dtype=np.uint16)
+    x, y = D.get_batch(ids, 8, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (8, 16) and x.dtype == torch.int64
+    assert torch.equal(y, x + 1)  # shifted by exactly one
+    assert torch.equal(x[:, 1:], x[:, :-1] + 1)  # contiguous windows
+    assert len(set(x[:, 0].tolist())) > 1  # random starts
+
+
+def failing_fsync(monkeypatch):
+    def fsync(fd):
+        raise OSError("disk full (planted)")
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_write_that_fails_half_way_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    dest = tmp_path / "f.bin"
+    dest.write_bytes(b"old")
+
+    def write(f):
+        f.write(b"new, but only half")
+        raise OSError("interrupted (planted)")
+
+    with pytest.raises(OSError, match="interrupted"):
+        D.atomic_write(dest, write)
+    assert dest.read_bytes() == b"old" and list(tmp_path.iterdir()) == [dest]
+    failing_fsync(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        D.atomic_write_bytes(dest, b"new")
+    assert dest.read_bytes() == b"old" and list(tmp_path.iterdir()) == [dest]
+
+
+def test_checkpoint_and_token_cache_writes_are_atomic(tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt.pt"
+    state = {"model": {}, "model_config": {}, "tokenizer": {}, "step": 1}
+    save_checkpoint(ckpt, state)
+    before = ckpt.read_bytes()
+    tok = D.Tokenizer.fit("char", PLAY)
+    failing_fsync(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(ckpt, {**state, "step": 2})
+    assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt.pt"]
+    with pytest.raises(OSError, match="disk full"):
+        D.tokenize_cached(PLAY, tok, tmp_path / "cache")
+    assert list((tmp_path / "cache" / "tokens").iterdir()) == []  # nothing half-written
+
+
+def test_a_corrupt_cached_download_is_fetched_again(tmp_path, play, monkeypatch):
+    digest = D.sha256_of(play)
+    dest = tmp_path / "dl" / "input.txt"
+    dest.parent.mkdir()
+    dest.write_text(PLAY[:100])  # a torn copy from an earlier run
+    assert D.download(play.as_uri(), dest, digest) == dest and dest.read_text() == PLAY
+    dest.write_text(PLAY[:100])
+    failing_fsync(monkeypatch)  # and a fetch whose write fails keeps the old bytes, no temp
+    with pytest.raises(OSError, match="disk full"):
+        D.download(play.as_uri(), dest, digest)
+    assert dest.read_text() == PLAY[:100] and list(dest.parent.iterdir()) == [dest]
+
+
+def test_the_token_cache_is_keyed_by_the_tokenizer(tmp_path):
+    text = "to be or not to be"
+    a = D.Tokenizer.fit("char", text)
+    b = D.Tokenizer("char", chars="z" + "".join(sorted(set(text))))
+    ids_a = D.tokenize_cached(text, a, tmp_path)
+    ids_b = D.tokenize_cached(text, b, tmp_path)
+    assert a.decode(ids_a) == text and b.decode(ids_b) == text
+    assert not np.array_equal(ids_a, ids_b)
+    assert len(list((tmp_path / "tokens").iterdir())) == 2
+
+
+def spy_on_clipping(monkeypatch):
+    """Record the gradient norm before and after every clip_grad_norm_ call of the trainer."""
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def clip(parameters, max_norm, *args, **kw):
+        parameters = list(parameters)
+        before = real(parameters, float("inf"))
+        out = real(parameters, max_norm, *args, **kw)
+        after = torch.norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        seen.append((max_norm, before.item(), after.item()))
+        return out
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    return seen
+
+
+def test_gradients_are_clipped_every_step(tmp_path, play, monkeypatch):
+    seen = spy_on_clipping(monkeypatch)
+    train(smoke(tmp_path, play, max_iters=3, sample_tokens=0, grad_clip=0.01))
+    assert len(seen) == 3
+    for max_norm, before, after in seen:
+        assert max_norm == 0.01 and before > 0.01 and after == pytest.approx(0.01, rel=1e-4)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, play, monkeypatch):
+    seen = spy_on_clipping(monkeypatch)
+    common = dict(max_iters=3, sample_tokens=0, dropout=0.0, grad_clip=1e9)
+    train(smoke(tmp_path / "big", play, batch_size=8, grad_accum=1, **common))
+    big, seen[:] = list(seen), []
+    train(smoke(tmp_path / "acc", play, batch_size=4, grad_accum=2, **common))
+    # Same rows (two draws of 4 are one draw of 8), the same mean loss and the same gradient.
+    for (_, a, _), (_, b, _) in zip(big, seen):
+        assert b == pytest.approx(a, rel=1e-5)
+    la = [r["train_loss"] for r in steps(tmp_path / "big" / "out") if "train_loss" in r]
+    lb = [r["train_loss"] for r in steps(tmp_path / "acc" / "out") if "train_loss" in r]
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    wa = load_checkpoint(tmp_path / "big" / "out" / "ckpt.pt")["model"]
+    wb = load_checkpoint(tmp_path / "acc" / "out" / "ckpt.pt")["model"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
