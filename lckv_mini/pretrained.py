@@ -118,6 +118,7 @@ def from_hf_config(config: dict | str | os.PathLike,
                    **overrides) -> LCKVConfig:
     """The LCKVConfig of a Llama config.json (a dict, or a path to the file or its folder).
 
+    model_type must be "llama", or "mistral" with `sliding_window` null (then it is a Llama).
     layer_types: the layout to convert to (None: standard, i.e. the Llama as it is). overrides:
     further LCKVConfig fields (forward_passes, dropout, ...). Raises ValueError naming the field
     for anything the model cannot represent (see `check_representable`) or that is missing.

@@ -368,7 +368,8 @@ def parse_args(argv=None) -> TrainConfig:
                    "string such as 0_6_6_6_6_6_6_7")
     p.add_argument("--mode", choices=["parallel", "sequential"])
     p.add_argument("--lr-preset", choices=sorted(LR_PRESETS),
-                   help="lr, min_lr and lr_warmup_iters by name: 'continue' for --init-from")
+                   help="lr, min_lr and lr_warmup_iters by name (default with --init-from: "
+                   "'continue')")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--compile", action="store_true", default=None)
     p.add_argument("--resume", action="store_true", default=None)
@@ -384,7 +385,9 @@ def parse_args(argv=None) -> TrainConfig:
         p.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None,
                        help=f"default {f.default!r}")
     args = p.parse_args(argv)
-    values = {**(SMOKE if args.smoke else {}), **LR_PRESETS.get(args.lr_preset, {}),
+    # Continued training from a pretrained folder takes the gentle schedule unless told otherwise.
+    preset = args.lr_preset or ("continue" if args.init_from else None)
+    values = {**(SMOKE if args.smoke else {}), **LR_PRESETS.get(preset, {}),
               **{k: v for k, v in vars(args).items()
                  if v is not None and k not in ("smoke", "lr_preset")}}
     return TrainConfig(**values)

@@ -76,3 +76,23 @@ def test_training_flops_count_the_iteration():
     assert more > one
     std = variants(SHAPES["tiny"])["standard"]
     assert training_flops(std, 8, 7, 2) == training_flops(std, 8, 0, 1)  # no block: one pass
+
+
+def test_training_flops_without_the_wasted_work():
+    # 4 layers "0_2_2_3": one group (1, 2); layer 1 reads layer 2 from above, layer 2 is its top.
+    config = variants(SHAPES["tiny"])["lckv w=2"]
+    assert config.iteration_groups == ((1, 2),)
+    C, I, V, T = config.n_embd, config.intermediate_size, config.vocab_size, 8
+    hd = config.n_head * config.head_dim
+    kvd = config.n_kv_head * config.head_dim
+    kv, attn, mlp = 2 * T * 2 * C * kvd, 2 * T * 2 * C * hd + 4 * T * T * hd, 2 * T * 3 * C * I
+    once = 3 * ((kv + attn + mlp) * 2) + 3 * 2 * T * C * V  # layers 0 and 3, and the head
+    m, b = 7, 2
+    full = once + (m + 3 * b) * ((attn + mlp) + (kv + attn + mlp))
+    assert training_flops(config, T, m, b, skip_wasted=False) == full
+    first = mlp + kv  # layer 1 skips attention (zero KVs), layer 2 only writes its KVs
+    middle = (attn + mlp) + kv  # passes 2 .. m+b-1: layer 2 still only writes its KVs
+    last = (attn + mlp) + (kv + attn + mlp)
+    # passes 1..7 without gradient (cost 1), 8 and 9 with (cost 3); pass 9 is the last
+    lean = once + first + 6 * middle + 3 * middle + 3 * last
+    assert training_flops(config, T, m, b) == lean < full

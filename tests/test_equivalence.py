@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import configs, random_model, random_tokens, rel_err
+from conftest import configs, random_model, random_tokens, record, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,6 +28,7 @@ def loss_and_grads(model, idx, targets, **kw):
 @given(config=configs(), T=st.integers(1, 7), B=st.integers(1, 2), m=st.integers(0, 2),
        seed=seeds)
 def test_theorem1_gradients_equal_when_every_pass_has_gradient(config, T, B, m, seed):
+    record("theorem1", config, T, m + T)
     # Theorem 1: with b >= T the parallel graph contains the whole sequential graph.
     model = random_model(config, seed)
     idx = random_tokens(config, B, T + 1, seed)
@@ -47,6 +48,7 @@ def test_theorem1_gradients_equal_when_every_pass_has_gradient(config, T, B, m, 
 def test_logits_equal_when_passes_cover_the_sequence(config, T, seed, data):
     b = data.draw(st.integers(1, T), label="b")
     m = data.draw(st.integers(max(0, T - b), T - b + 2), label="m")
+    record("logits", config, T, m + b)
     model = random_model(config, seed)
     idx = random_tokens(config, 2, T, seed)
     seq, _ = model(idx, mode="sequential")

@@ -11,6 +11,7 @@ from conftest import (
     naive_parallel,
     random_model,
     random_tokens,
+    record,
     rel_err,
 )
 from hypothesis import example, given, settings
@@ -52,12 +53,14 @@ def parallel_loss(model, idx, m, b, plan=None):
 
 
 @settings(max_examples=50)
-@given(config=configs(families=MULTI), T=st.integers(1, 6), m=st.integers(0, 1), seed=seeds)
+@given(config=configs(families=MULTI, min_layers=4), T=st.integers(1, 6), m=st.integers(0, 1),
+       seed=seeds)
 @example(config=small("1_1_3_3_5_5"), T=5, m=0, seed=0)  # three groups
 @example(config=small("2_2_2_5_5_5"), T=6, m=1, seed=1)  # two groups
 @example(config=small("0_2_2_4_4_5"), T=4, m=0, seed=2)  # two groups between standard layers
 def test_theorem1_on_several_groups_values_and_every_gradient(config, T, m, seed):
-    assert len(config.iteration_groups) >= 2 or config.n_layer < 4
+    assert len(config.iteration_groups) >= 2
+    record("theorem1_groups", config, T, m + T)
     model = random_model(config, seed)
     idx = random_tokens(config, 2, T + 1, seed)
     seq_loss, seq = loss_and_grads(model, lambda: model(idx[:, :-1], idx[:, 1:],
@@ -75,6 +78,7 @@ def test_parallel_equals_an_independent_per_group_plan_below_T_passes(config, T,
     # m + b < T: not exact, so this checks the plan itself (which layers, which input, how many
     # passes), against the plain implementation in conftest.
     m, b = (3, 1) if data is None else (data.draw(st.integers(0, 3)), data.draw(st.integers(1, 2)))
+    record("plan_below_T", config, T, m + b)
     model = random_model(config, seed)
     idx = random_tokens(config, 2, T, seed)
     with torch.no_grad():

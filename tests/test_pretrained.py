@@ -363,3 +363,7 @@ def test_lr_presets_and_explicit_values():
     assert (cfg.lr, cfg.min_lr, cfg.lr_warmup_iters) == (3e-5, 3e-6, 10)
     cfg = parse_args(["--lr-preset", "continue", "--lr", "1e-4", "--init-from", "x"])
     assert (cfg.lr, cfg.min_lr, cfg.init_from) == (1e-4, 3e-6, "x")
+    cfg = parse_args(["--init-from", "x"])  # a pretrained start gets the gentle schedule
+    assert (cfg.lr, cfg.min_lr, cfg.lr_warmup_iters) == (3e-5, 3e-6, 10)
+    assert parse_args(["--init-from", "x", "--lr-preset", "scratch"]).lr == 2e-3
+    assert parse_args([]).lr == 2e-3

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from lckv_mini import data as D
-from lckv_mini.checkpoint import load_checkpoint, load_model
+from lckv_mini.checkpoint import load_checkpoint, load_model, save_checkpoint
 from lckv_mini.sample import main as sample_main
-from lckv_mini.checkpoint import save_checkpoint
 from lckv_mini.train import SMOKE, TrainConfig, lr_at, parse_args, train
 
 ROOT = Path(__file__).resolve().parent.parent
