@@ -35,9 +35,6 @@ class LCKVConfig:
     sliding_window: int | None = None  # window, in tokens, of the layers marked "s"
     forward_passes: int = 7  # m: passes without gradient in parallel training (Sec. 2.2)
     backward_passes: int = 2  # b: passes with gradient that follow them
-    # An experiment (not the paper's): stop a group's passes without gradient once no KV moved by
-    # more than this fraction of the largest KV in the last pass; the b passes always run.
-    adaptive_tol: float | None = None
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
@@ -67,8 +64,6 @@ class LCKVConfig:
             raise ValueError(f"forward_passes (m) must be >= 0, got {self.forward_passes}")
         if self.backward_passes < 1:
             raise ValueError(f"backward_passes (b) must be >= 1, got {self.backward_passes}")
-        if self.adaptive_tol is not None and not self.adaptive_tol > 0:
-            raise ValueError(f"adaptive_tol must be positive or None, got {self.adaptive_tol}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         sources, sliding = parse_layer_types(self.layer_types, self.n_layer)

@@ -147,14 +147,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def relative_change(before: list, kv: PassKVs, layers: list[int]) -> float:
-    """Largest change of any KV entry in a pass, relative to the largest KV entry now."""
-    change = max((a - b).abs().max() for j, pair in zip(layers, before)
-                 for a, b in zip(kv[j], pair))
-    scale = max(t.abs().max() for j in layers for t in kv[j])
-    return (change / scale.clamp_min(1e-30)).item()
-
-
 # How a layer runs in one pass of an iteration group (the rest of the time it runs "full").
 FULL = "full"
 KV_ONLY = "kv_only"  # the group's top KV layer before the last pass: its output feeds nothing
@@ -251,8 +243,6 @@ class LCKVModel(nn.Module):
         self.tie_weights()
         # Recompute layers in the backward pass instead of keeping their activations (training).
         self.activation_checkpointing = False
-        # Passes each group ran in the last parallel forward (a report; see config.adaptive_tol).
-        self.passes_used: dict[tuple[int, int], int] = {}
         # RoPE tables per (dtype, device), made on first use from float64 angles, so a float64
         # model rotates in float64 and nothing needs rebuilding after a load onto the meta device.
         self._rope: dict = {}
@@ -369,18 +359,11 @@ class LCKVModel(nn.Module):
         """Sec. 2.2 for one group: m passes without gradient, then b with gradient, from zero KVs.
         Returns the group's output after the last pass."""
         self.start_group(x, kv, group)
-        tol, layers = self.config.adaptive_tol, self.group_kv_layers(group)
-        done = 0
         with torch.no_grad():
-            while done < m:
-                before = [kv[j] for j in layers]
-                self.group_pass(x, kv, group, first=done == 0, last=False)
-                done += 1
-                if tol is not None and done > 1 and relative_change(before, kv, layers) <= tol:
-                    break
-        self.passes_used[group] = done + b
+            for p in range(m):
+                self.group_pass(x, kv, group, first=p == 0, last=False)
         for p in range(b):
-            h = self.group_pass(x, kv, group, first=done + p == 0, last=p == b - 1)
+            h = self.group_pass(x, kv, group, first=m + p == 0, last=p == b - 1)
         return h
 
     def forward_parallel(self, x: Tensor, m: int, b: int, kv: PassKVs | None = None

@@ -75,7 +75,6 @@ class TrainConfig:
     sliding_window: int | None = None  # for "s" layers (yoco); default block_size // 4
     forward_passes: int = 7  # m
     backward_passes: int = 2  # b
-    adaptive_tol: float | None = None  # experiment: stop the m passes early (config.py)
     dropout: float = 0.0
     tie_embeddings: bool = True
     # optimisation
@@ -124,8 +123,7 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> LCKVConfig:
                            group=cfg.cla_group, n_kv_layers=cfg.n_kv_layers,
                            sliding_window=cfg.sliding_window or max(1, cfg.block_size // 4),
                            forward_passes=cfg.forward_passes,
-                           backward_passes=cfg.backward_passes, dropout=cfg.dropout,
-                           adaptive_tol=cfg.adaptive_tol)
+                           backward_passes=cfg.backward_passes, dropout=cfg.dropout)
     layer_types = (make_layer_types(cfg.layers_kind, cfg.n_layer, warmup=cfg.warmup_layers,
                                     group=cfg.cla_group, n_kv_layers=cfg.n_kv_layers)
                    if cfg.layers_kind in LAYOUTS else cfg.layers_kind)
@@ -135,8 +133,7 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> LCKVConfig:
                       layer_types=layer_types,
                       sliding_window=cfg.sliding_window or max(1, cfg.block_size // 4),
                       forward_passes=cfg.forward_passes, backward_passes=cfg.backward_passes,
-                      tie_embeddings=cfg.tie_embeddings, dropout=cfg.dropout,
-                      adaptive_tol=cfg.adaptive_tol)
+                      tie_embeddings=cfg.tie_embeddings, dropout=cfg.dropout)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -334,8 +331,7 @@ def train_loop(cfg: TrainConfig, rank: int, world: int, device: str) -> dict:
         step += 1
         if master:
             log({"step": step, "train_loss": loss_sum, "lr": lr,
-                 "tokens_per_s": tokens_per_step / dt, "seconds": dt,
-                 "passes": max(raw_model.passes_used.values(), default=1)})
+                 "tokens_per_s": tokens_per_step / dt, "seconds": dt})
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}",
                             tok_s=f"{tokens_per_step / dt:,.0f}")
         bar.update(1)

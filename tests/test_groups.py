@@ -1,7 +1,6 @@
 """The per-group iteration plan, the passes without wasted work, float64 RoPE, activation
 checkpointing, and the stop rule of adaptive prompt encoding."""
 
-import dataclasses
 import math
 
 import pytest
@@ -222,32 +221,3 @@ def test_adaptive_stops_at_the_first_pass_within_tol(config, P, tol, seed):
     _, passes = encode_prompt(model, idx, KVCache(config, 1, P, dtype=torch.float64),
                               "adaptive", tol)
     assert passes == expected
-
-
-# -- adaptive passes in training (an experiment) --------------------------------------------
-
-
-def test_adaptive_training_passes_stop_early_and_keep_the_b_passes():
-    config = small(make_layer_types("lckv", 6, warmup=2), forward_passes=7, adaptive_tol=1e-2)
-    model = random_model(config, 0, std=0.05)  # contracting: converges in a few passes
-    idx = random_tokens(config, 2, 12, 0)
-    loss, grads = loss_and_grads(model, lambda: parallel_loss(model, idx, 7, 2))
-    used = model.passes_used[(1, 4)]
-    assert 2 + 2 <= used < 7 + 2  # stopped early, and never before the second pass
-    # the same as a fixed plan with that many passes without gradient
-    fixed = LCKVModel(dataclasses.replace(config, adaptive_tol=None)).double()
-    fixed.load_state_dict(model.state_dict())
-    ref_loss, ref = loss_and_grads(fixed, lambda: parallel_loss(fixed, idx, used - 2, 2))
-    assert torch.equal(loss, ref_loss) and all(torch.equal(grads[n], ref[n]) for n in ref)
-    # the stop is the first pass whose relative KV change is within tol
-    with torch.no_grad():
-        x = fixed.embed(idx[:, :-1])
-        kv = PassKVs()
-        fixed.start_group(x, kv, (1, 4))
-        changes = []
-        for p in range(7):
-            before = {j: kv[j] for j in (4,)}
-            fixed.group_pass(x, kv, (1, 4), first=p == 0, last=False)
-            changes.append(max((a - b).abs().max().item() for a, b in zip(kv[4], before[4]))
-                           / max(t.abs().max().item() for t in kv[4]))
-    assert used - 2 == next(p + 1 for p in range(1, 7) if changes[p] <= 1e-2)
