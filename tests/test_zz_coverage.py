@@ -37,6 +37,7 @@ def test_examples_reach_the_claims(test):
         pytest.skip(f"{test} did not run in this session")
     for what, pred, least in NEEDS[test]:
         share = sum(map(pred, drawn)) / len(drawn)
+        print(f"{test}: {share:.0%} of {len(drawn)} examples: {what} (needs {least:.0%})")
         assert share >= least, f"{test}: only {share:.0%} of {len(drawn)} examples: {what}"
 
 
