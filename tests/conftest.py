@@ -17,6 +17,8 @@ settings.register_profile(
     # CI draws the same examples every run (reproducible verdicts); local runs explore new ones.
     derandomize=bool(os.environ.get("CI")), print_blob=True)
 settings.load_profile("default")
+# The models here are tiny: one thread is faster than two and does not fight other processes.
+torch.set_num_threads(1)
 
 # "study": a family of arXiv 2410.14442 (pizza/sandwich/lasagna x bottom/middle/top);
 # "groups": lasagna-top or -middle, which have several iteration groups. Hypothesis favours the
