@@ -27,13 +27,13 @@ from .config import (
     standard_layers,
     yoco_layers,
 )
-from .convergence import kv_convergence, kv_passes, prefix_exactness
+from .convergence import kv_convergence, kv_passes, max_kv_change, prefix_exactness
 from .generate import GREEDY, KVCache, Sampling, cache_bytes, encode_prompt, generate
 from .model import LCKVModel, attention, visible_keys
 from .pretrained import from_hf_config, from_hf_state_dict, from_pretrained, save_pretrained
 
 __all__ = ["GREEDY", "KVCache", "LAYOUTS", "LCKVConfig", "LCKVModel", "Sampling", "attention",
            "cache_bytes", "cla_layers", "encode_prompt", "from_hf_config", "from_hf_state_dict",
-           "from_pretrained", "generate", "kv_convergence", "save_pretrained",
+           "from_pretrained", "generate", "kv_convergence", "max_kv_change", "save_pretrained",
            "kv_passes", "lckv_layers", "make_layer_types", "prefix_exactness", "shared_layers",
            "standard_layers", "visible_keys", "yoco_layers"]
