@@ -324,3 +324,21 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, play, monkeypatch)
     wb = load_checkpoint(tmp_path / "acc" / "out" / "ckpt.pt")["model"]
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+
+
+MIX = "0_1s_1s_3s_3s_3s_0_7s_7s_9s_9s_9s_12_13s_13s_15s_15s_15s_12_19s_19s_19s"
+
+
+@pytest.mark.parametrize("flags, layer_types", [
+    (["--layers-kind", "sandwich-middle", "--n-kv-layers", "3", "--n-layer", "6"], "0_2_2_2_2_5"),
+    (["--layers-kind", "lasagna-top", "--n-kv-layers", "3", "--n-layer", "6"], "1_1_3_3_5_5"),
+    (["--layers-kind", "pizza-bottom", "--n-layer", "4"], "0_1_1_1"),
+    (["--layers-kind", MIX, "--n-layer", "22", "--sliding-window", "4"], MIX),  # MixAttention
+])
+def test_the_study_layouts_and_mixattention_train_from_the_command_line(tmp_path, play, flags,
+                                                                         layer_types):
+    summary = train(parse_args(["--smoke", "--data", str(play), "--tokenizer", "char",
+                                "--max-iters", "3", "--sample-tokens", "5", "--no-progress",
+                                "--out-dir", str(tmp_path / "out"),
+                                "--cache-dir", str(tmp_path / "cache"), *flags]))
+    assert np.isfinite(summary["val_loss"]) and summary["layer_types"] == layer_types
