@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .config import LAYOUTS, LCKVConfig, make_layer_types
-from .data import Tokenizer, atomic_write_bytes
+from .data import Tokenizer, atomic_write, atomic_write_bytes
 from .model import LCKVModel
 
 CONFIG = "config.json"
@@ -317,16 +316,10 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
 
 
 def atomic_save_file(tensors: dict[str, Tensor], dest: Path) -> None:
-    """safetensors' save_file into a temporary file beside dest, then rename over dest."""
+    """A safetensors file written through `data.atomic_write` (temporary file, fsync, rename)."""
     safetensors_torch = require("safetensors.torch")
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors_torch.save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = safetensors_torch.save(tensors, metadata={"format": "pt"})
+    atomic_write(dest, lambda f: f.write(data))
 
 
 def save_pretrained(model: LCKVModel, folder: str | os.PathLike,

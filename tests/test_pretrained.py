@@ -3,6 +3,7 @@ transformers itself writes are loaded without it and held against its logits; th
 LCKV layouts, saving back, and continued training with --init-from."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -260,7 +261,6 @@ def test_save_pretrained_round_trips_into_transformers(tmp_path, tied):
 
 
 def test_save_pretrained_refuses_shared_layouts_and_writes_atomically(tmp_path, monkeypatch):
-    import safetensors.torch
     folder = llama_folder(tmp_path / "in")
     with pytest.raises(ValueError, match="layer_types '0_2_2'.*not a standard Llama"):
         save_pretrained(from_pretrained(folder, "0_2_2"), tmp_path / "lckv")
@@ -269,12 +269,10 @@ def test_save_pretrained_refuses_shared_layouts_and_writes_atomically(tmp_path, 
     save_pretrained(model, tmp_path / "out")
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
 
-    def crash(tensors, path, metadata=None):  # a crash halfway through writing the weights
-        with open(path, "wb") as f:
-            f.write(b"half")
+    def crash(fd):  # the weights' bytes are written, then the disk fails before they are safe
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(os, "fsync", crash)
     with torch.no_grad():
         model.model.norm.weight.add_(1.0)
     with pytest.raises(OSError, match="disk full"):
