@@ -11,11 +11,14 @@ from hypothesis import strategies as st
 from lckv_mini.config import LCKVConfig, make_layer_types
 from lckv_mini.model import LCKVModel, PassKVs
 
+# Every run draws the same examples, wherever it runs (the README's command, CI): a verdict never
+# depends on luck. LCKV_EXPLORE=1 draws fresh random examples instead (a search for new failing
+# cases); tests/test_zz_coverage.py then reports the shares it sees rather than failing on them.
+EXPLORE = os.environ.get("LCKV_EXPLORE", "") not in ("", "0")
 settings.register_profile(
     "default", deadline=None, max_examples=int(os.environ.get("LCKV_EXAMPLES", 100)),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    # CI draws the same examples every run (reproducible verdicts); local runs explore new ones.
-    derandomize=bool(os.environ.get("CI")), print_blob=True)
+    derandomize=not EXPLORE, print_blob=True)
 settings.load_profile("default")
 # The models here are tiny: one thread is faster than two and does not fight other processes.
 torch.set_num_threads(1)
