@@ -3,6 +3,7 @@
 import os
 from collections import defaultdict
 
+import notebook_runner
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -167,3 +168,13 @@ def record(test: str, config: LCKVConfig, T: int, passes: int | None = None, **e
         reads_above=any(s > i for i, s in enumerate(config.kv_sources)),
         groups=len(config.iteration_groups), gqa=config.n_head != config.n_kv_head, T=T,
         passes=passes, **extra))
+
+
+def pytest_collection_finish(session):
+    """Start the notebooks in the background as soon as we know they will be needed."""
+    if any(getattr(item, "originalname", None) == "test_notebook_runs" for item in session.items):
+        notebook_runner.start()
+
+
+def pytest_sessionfinish(session):
+    notebook_runner.stop()
