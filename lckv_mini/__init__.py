@@ -14,7 +14,9 @@ Files and what they import (no cycles; tests/test_structure.py checks it):
     sample.py       text from a checkpoint                               (checkpoint, generate,
                                                                           data, model)
     pretrained.py   Hugging Face folders in and out                      (config, model, data)
-    bench.py        the benchmarks                                       (config, model, generate)
+    bench/          benchmarks and the GPU check, a file per question    (config, model,
+                    (common, memory, throughput, training, gpu_check,     generate)
+                    plots, cli); python -m lckv_mini.bench <name>
 """
 
 from .config import (

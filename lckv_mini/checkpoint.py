@@ -17,13 +17,19 @@ REQUIRED = ("model", "model_config", "tokenizer", "step")
 
 
 def resolve_device(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """The device named by --device: for "auto" cuda, then mps, then cpu; any other name must be
+    a device this machine has (ValueError otherwise)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; valid: auto, cpu, cuda, cuda:N, "
+                         "mps") from None
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not has_mps()):
+        raise ValueError(f"--device {name}: this machine (torch {torch.__version__}) has no "
+                         f"{kind} device; use --device auto or cpu")
+    return name
 
 
 def has_mps() -> bool:
@@ -68,6 +74,10 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
     missing = set(REQUIRED) - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise ValueError(f"checkpoint {path} lacks {sorted(missing)}: not an lckv-mini checkpoint")
+    # map_location moved every tensor to `device`; a generator's state must be a CPU byte tensor
+    if isinstance(ckpt.get("rng"), dict):
+        ckpt["rng"] = {k: [s.cpu() for s in v] if isinstance(v, list) else v.cpu()
+                       for k, v in ckpt["rng"].items()}
     return ckpt
 
 

@@ -134,9 +134,12 @@ class GrowingKVs:
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin, (length, head_dim), float64, in the rotate-half convention (as Llama)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    """cos and sin, (length, head_dim), float64, in the rotate-half convention (as Llama).
+    Made on the CPU whatever the default device (some accelerators have no float64); `rope`
+    moves them once per dtype and device."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu")
+                               / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64, device="cpu"), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 

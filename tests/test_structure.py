@@ -7,25 +7,40 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "lckv_mini"
 
 
+def module_name(path: Path) -> str:
+    """A file's module inside the package: "model", "bench.common", "bench" (its __init__)."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def package_imports(path: Path) -> set[str]:
-    """The lckv_mini modules a file imports (relative or absolute, at any depth)."""
+    """The lckv_mini modules a file imports (relative or absolute, at any depth), named as
+    module_name names them."""
+    name = module_name(path).split(".")
+    package = name if path.name == "__init__.py" else name[:-1]  # the package the file is in
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                names.add(node.module.split(".")[0])
-            elif node.level == 1:
-                names.update(a.name for a in node.names)
+            if node.level:
+                base = package[:len(package) - (node.level - 1)]
+                if node.module:
+                    names.add(".".join(base + node.module.split(".")))
+                else:  # from . import x, y: modules of that package
+                    names.update(".".join(base + [a.name]) for a in node.names)
             elif node.module and node.module.startswith("lckv_mini."):
-                names.add(node.module.split(".")[1])
+                names.add(node.module.split(".", 1)[1])
         elif isinstance(node, ast.Import):
-            names.update(a.name.split(".")[1] for a in node.names
+            names.update(a.name.split(".", 1)[1] for a in node.names
                          if a.name.startswith("lckv_mini."))
     return names
 
 
+def modules() -> list[Path]:
+    return [p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py"]
+
+
 def graph() -> dict[str, set[str]]:
-    return {p.stem: package_imports(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    return {module_name(p): package_imports(p) for p in modules()}
 
 
 def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
@@ -71,7 +86,7 @@ def test_sampling_does_not_need_the_trainer_to_load_a_checkpoint():
 
 def test_no_module_uses_another_modules_underscore_names():
     offences = []
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
                 offences += [f"{path.name}: imports {a.name}" for a in node.names
@@ -82,6 +97,12 @@ def test_no_module_uses_another_modules_underscore_names():
                              and node.value.id in ("self", "cls"))):
                 offences.append(f"{path.name}:{node.lineno}: .{node.attr}")
     assert offences == []
+
+
+def test_the_graph_sees_inside_the_bench_package():
+    g = graph()
+    assert {"model", "generate", "bench.common"} <= g["bench.correctness"]
+    assert "bench.correctness" in g["bench.gpu_check"] and "bench.cli" in g["bench"]
 
 
 def test_the_sampler_does_not_import_the_trainer():
