@@ -22,7 +22,9 @@ Files and what they import (no cycles; tests/test_structure.py checks it):
 from .config import (
     LAYOUTS,
     LCKVConfig,
+    can_serve_downward,
     cla_layers,
+    gemma_layers,
     lckv_layers,
     make_layer_types,
     shared_layers,
@@ -35,7 +37,8 @@ from .model import LCKVModel, attention, visible_keys
 from .pretrained import from_hf_config, from_hf_state_dict, from_pretrained, save_pretrained
 
 __all__ = ["GREEDY", "KVCache", "LAYOUTS", "LCKVConfig", "LCKVModel", "Sampling", "attention",
-           "cache_bytes", "cla_layers", "encode_prompt", "from_hf_config", "from_hf_state_dict",
-           "from_pretrained", "generate", "kv_convergence", "max_kv_change", "save_pretrained",
+           "cache_bytes", "can_serve_downward", "cla_layers", "encode_prompt", "from_hf_config",
+           "from_hf_state_dict", "from_pretrained", "gemma_layers", "generate", "kv_convergence",
+           "max_kv_change", "save_pretrained",
            "kv_passes", "lckv_layers", "make_layer_types", "prefix_exactness", "shared_layers",
            "standard_layers", "visible_keys", "yoco_layers"]

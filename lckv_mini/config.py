@@ -179,14 +179,62 @@ def yoco_layers(n_layer: int) -> str:
     return "_".join(f"{i}s" if i < half else str(half - 1) for i in range(n_layer))
 
 
+def gemma_layers(n_layer: int, n_shared: int | None = None, period: int = 5) -> str:
+    """The downward sharing of Gemma 3n and Gemma 4: sliding-window layers ("s") with every
+    `period`-th layer full (4 sliding : 1 full for period 5), and the last `n_shared` layers
+    computing no KVs: each reads the last layer below them of its own type (sliding or full).
+
+    The window itself is the config's `sliding_window`. n_shared=None: the most layers, up to a
+    third of them (Gemma 3n E2B shares 10 of 30), whose types all occur below the shared ones.
+    Raises ValueError if a shared layer has no layer of its type below the shared ones.
+    """
+    if period < 1:
+        raise ValueError(f"period must be >= 1 (every period-th layer is full), got {period}")
+    sliding = [(i + 1) % period != 0 for i in range(n_layer)]
+    if n_shared is None:
+        n_shared = next(n for n in range(n_layer // 3, -1, -1)
+                        if set(sliding[n_layer - n:]) <= set(sliding[:n_layer - n]))
+    if not 0 <= n_shared < n_layer:
+        raise ValueError(f"n_shared must be in [0, n_layer - 1 = {n_layer - 1}], got {n_shared}")
+    first = n_layer - n_shared  # the first shared layer
+    sources = list(range(n_layer))
+    for i in range(first, n_layer):
+        same = [j for j in range(first) if sliding[j] == sliding[i]]
+        if not same:
+            kind = "sliding" if sliding[i] else "full"
+            raise ValueError(f"gemma layout: shared layer {i} is {kind}, but no layer below the "
+                             f"{n_shared} shared ones is; share fewer layers or change the period")
+        sources[i] = same[-1]
+    return "_".join(f"{src}{'s' if w else ''}" for src, w in zip(sources, sliding))
+
+
 TARGETS = ("bottom", "middle", "top")
 PARTITIONS = ("pizza", "sandwich", "lasagna")
 
 
 def _target(lo: int, hi: int, position: str) -> int:
     """The KV layer of the block lo..hi that the block's other layers read. "middle" is the lower
-    middle of an even block (lo + (hi - lo) // 2), which gives the official 0_10_..._10_21."""
-    return {"bottom": lo, "middle": lo + (hi - lo) // 2, "top": hi}[position]
+    middle, but never the bottom: lo + max(1, (hi - lo) // 2), so a block of two reads its top."""
+    return {"bottom": lo, "middle": lo + max(1, (hi - lo) // 2), "top": hi}[position]
+
+
+def _shared_sources(partition: str, position: str, L: int, k: int) -> list[int]:
+    """The source of every layer in `shared_layers`' layout (arguments checked there)."""
+    if partition == "lasagna":
+        size, extra = divmod(L, k)
+        blocks, lo = [], 0
+        for g in range(k):
+            hi = lo + size + (g < extra) - 1
+            blocks.append((lo, hi))
+            lo = hi + 1
+    else:
+        standard = k - 1
+        bottom = standard if partition == "pizza" else standard - standard // 2
+        blocks = [(bottom, L - 1 - (standard - bottom))]
+    sources = list(range(L))
+    for lo, hi in blocks:
+        sources[lo:hi + 1] = [_target(lo, hi, position)] * (hi - lo + 1)
+    return sources
 
 
 def shared_layers(partition: str, position: str, n_layer: int, n_kv_layers: int) -> str:
@@ -201,46 +249,46 @@ def shared_layers(partition: str, position: str, n_layer: int, n_kv_layers: int)
     - "lasagna": the layers are cut into n_kv_layers consecutive blocks of (nearly) equal size,
       the larger blocks at the bottom when L does not divide evenly; each block shares its own
       target.
-    `position` places the target in its block: "bottom", "middle" (the lower middle of an even
-    block) or "top". So CLA is lasagna-bottom, LCKV is sandwich-top (n_kv_layers = w + 1), and
-    YOCO is close to pizza-bottom (YOCO's readers use a separate projection of the layer below).
+    `position` places the target in its block: "bottom", "middle" or "top". So CLA is
+    lasagna-bottom, LCKV is sandwich-top (n_kv_layers = w + 1), and YOCO is close to pizza-bottom
+    (YOCO's readers use a separate projection of the layer below).
+    "Middle" is the lower middle of the block but never its bottom (lo + max(1, (hi - lo) // 2)):
+    of the lower middle, the upper middle and this, the one reading that reproduces both of the
+    authors' configurations that are published as text: their README's
+    sandwich-middle for 22 layers, 0_10_..._10_21 (a block of 20 reads its lower middle, 10), and
+    their lasagna-middle with 6 KV layers of 12, whose training costs what lasagna-top's does
+    (whyNLP/LCKV issue #10), so a block of two reads its top.
+    A middle that gives the layout of the top (every block holds two layers) is refused with a
+    ValueError that names the top; bottom and middle, bottom and top never coincide.
     Reading of the study where it is silent: the counts above (the standard layers are
-    n_kv_layers - 1, the lasagna blocks as even as possible) are this package's choice.
+    n_kv_layers - 1, the lasagna blocks as even as possible) are this package's choice; pizza and
+    sandwich coincide for n_kv_layers <= 2 (nothing to split), which is not refused.
     """
     if partition not in PARTITIONS:
         raise ValueError(f"unknown partition {partition!r}; expected one of {PARTITIONS}")
     if position not in TARGETS:
         raise ValueError(f"unknown target position {position!r}; expected one of {TARGETS}")
     k, L = n_kv_layers, n_layer
-    if partition == "lasagna":
-        if not 1 <= k <= L // 2:
-            raise ValueError(f"lasagna needs 1 <= n_kv_layers <= n_layer // 2 = {L // 2} (every "
-                             f"block shares among at least 2 layers), got n_kv_layers={k}")
-        size, extra = divmod(L, k)
-        blocks, lo = [], 0
-        for g in range(k):
-            hi = lo + size + (g < extra) - 1
-            blocks.append((lo, hi))
-            lo = hi + 1
-    else:
-        if not 1 <= k <= L - 1:
-            raise ValueError(f"{partition} needs 1 <= n_kv_layers <= n_layer - 1 = {L - 1} (the "
-                             f"shared block holds at least 2 layers), got n_kv_layers={k}")
-        standard = k - 1
-        bottom = standard if partition == "pizza" else standard - standard // 2
-        blocks = [(bottom, L - 1 - (standard - bottom))]
-    sources = list(range(L))
-    for lo, hi in blocks:
-        t = _target(lo, hi, position)
-        sources[lo:hi + 1] = [t] * (hi - lo + 1)
+    if partition == "lasagna" and not 1 <= k <= L // 2:
+        raise ValueError(f"lasagna needs 1 <= n_kv_layers <= n_layer // 2 = {L // 2} (every "
+                         f"block shares among at least 2 layers), got n_kv_layers={k}")
+    if partition != "lasagna" and not 1 <= k <= L - 1:
+        raise ValueError(f"{partition} needs 1 <= n_kv_layers <= n_layer - 1 = {L - 1} (the "
+                         f"shared block holds at least 2 layers), got n_kv_layers={k}")
+    sources = _shared_sources(partition, position, L, k)
+    if position == "middle" and sources == _shared_sources(partition, "top", L, k):
+        raise ValueError(f"{partition}-middle with {k} KV layers of {L} is the layout "
+                         f"{partition}-top gives ({'_'.join(map(str, sources))}): every block "
+                         f"holds two layers, whose middle is its top; ask for {partition}-top")
     return "_".join(map(str, sources))
 
 
 def make_layer_types(kind: str, n_layer: int, *, warmup: int = 2, group: int = 2,
-                     n_kv_layers: int | None = None) -> str:
+                     n_kv_layers: int | None = None, period: int = 5) -> str:
     """Build layer_types by name.
 
-    "standard", "lckv" (with `warmup` w), "cla" (with `group`), "yoco", or a family of arXiv
+    "standard", "lckv" (with `warmup` w), "cla" (with `group`), "yoco", "gemma" (Gemma 3n / 4:
+    `period`, and `n_kv_layers` non-shared layers, default `gemma_layers`'), or a family of arXiv
     2410.14442 written partition-position, e.g. "sandwich-middle" or "lasagna-top", with
     `n_kv_layers` KV layers (default: half the layers, the study's 2x reduction).
     """
@@ -252,14 +300,65 @@ def make_layer_types(kind: str, n_layer: int, *, warmup: int = 2, group: int = 2
         return cla_layers(n_layer, group)
     if kind == "yoco":
         return yoco_layers(n_layer)
+    if kind == "gemma":
+        return gemma_layers(n_layer, None if n_kv_layers is None else n_layer - n_kv_layers,
+                            period)
     partition, _, position = kind.partition("-")
     if partition in PARTITIONS and position in TARGETS:
         return shared_layers(partition, position, n_layer,
                              max(1, n_layer // 2) if n_kv_layers is None else n_kv_layers)
     families = [f"{p}-{t}" for p in PARTITIONS for t in TARGETS]
-    raise ValueError(f"unknown layer layout {kind!r}; expected standard, lckv, cla, yoco or one "
-                     f"of {', '.join(families)}")
+    raise ValueError(f"unknown layer layout {kind!r}; expected standard, lckv, cla, yoco, gemma "
+                     f"or one of {', '.join(families)}")
 
 
-LAYOUTS = ("standard", "lckv", "cla", "yoco",
+LAYOUTS = ("standard", "lckv", "cla", "yoco", "gemma",
            *(f"{p}-{t}" for p in PARTITIONS for t in TARGETS))
+
+
+# ----------------------------------------------------------------------------------------------
+# Who can serve what: engines that support only downward sharing (Gemma 3n / 4 in vLLM)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Can an engine that supports only downward KV sharing serve a layout? If not, `layer` is
+    the first layer that breaks it and `reason` says why."""
+    ok: bool
+    layer: int | None = None
+    reason: str = "every layer reads itself or a layer below it, one attention type per target"
+
+
+def can_serve_downward(layout: LCKVConfig | str | Sequence[int | str]) -> Serving:
+    """Whether a layout (a config, or a layer_types spec) can be served by an engine that supports
+    only downward KV sharing, as vLLM does (`kv_sharing_target_layer_name` must name an earlier
+    layer): every layer reads itself or a layer below it, and the layers that read a target share
+    one attention type (sliding or full), since the engine gives them one cache and one mask.
+    The target's own window is not counted: it masks only the target's queries (YOCO's top
+    sliding layer is read in full; YOCO itself gives its readers a projection of their own).
+
+    A layer reading a layer above needs what such an engine never does: in training and prompt
+    encoding the iteration (Sec. 2.2), because the KVs it reads are computed after it runs on the
+    same token; in decoding the masked diagonal, since its own token's KVs do not exist yet.
+    """
+    if isinstance(layout, LCKVConfig):
+        sources, sliding = layout.kv_sources, layout.sliding_layers
+    else:
+        n_layer = len(layout.split("_") if isinstance(layout, str) else layout)
+        sources, sliding = parse_layer_types(layout, n_layer)
+    kind = {True: "sliding", False: "full"}
+    first_reader = {}  # target -> its first reader (below the target's other readers)
+    for i, src in enumerate(sources):
+        if src > i:
+            return Serving(False, i, f"layer {i} reads layer {src}, above it: layer {src}'s KVs "
+                           f"of a token are computed after layer {i} runs on it, which training "
+                           "and prompt encoding meet by iterating and decoding by masking the "
+                           "diagonal; a downward-only engine does neither")
+        if src == i:
+            continue
+        j = first_reader.setdefault(src, i)
+        if sliding[j] != sliding[i]:
+            return Serving(False, i, f"layer {i} ({kind[sliding[i]]} attention) reads layer "
+                           f"{src}, which layer {j} ({kind[sliding[j]]} attention) reads too: "
+                           "the layers that share one cache must share one attention type")
+    return Serving(True)

@@ -191,12 +191,18 @@ def left_pad(prompts, device=None) -> tuple[Tensor, Tensor | None]:
     return idx, (pad if bool(pad.any()) else None)
 
 
+def last_token_layers(config: LCKVConfig) -> range:
+    """The layers above the last KV layer. They write nothing to the cache, so prompt encoding
+    needs their output for the last token only (empty when the top layer computes KVs: LCKV)."""
+    return range(max(config.kv_layers) + 1, config.n_layer)
+
+
 @torch.no_grad()
-def adaptive_parallel(model: LCKVModel, x: Tensor, kv: PassKVs, max_passes: int, tol: float
-                      ) -> tuple[Tensor, int]:
+def adaptive_parallel(model: LCKVModel, x: Tensor, kv: PassKVs, max_passes: int, tol: float,
+                      stop: int | None = None) -> tuple[Tensor, int]:
     """The parallel computation, each group stopping at the first pass whose largest KV change
     (over real tokens) is within tol, at most max_passes. Returns hidden states and the most
-    passes any group used."""
+    passes any group used. stop: as in `LCKVModel.forward_parallel`."""
     done, most = 0, 1
     for group in model.config.iteration_groups:
         x = model.run_layers(x, kv, range(done, group[0]))
@@ -209,18 +215,20 @@ def adaptive_parallel(model: LCKVModel, x: Tensor, kv: PassKVs, max_passes: int,
                 break
         most = max(most, p + 1)
         x, done = h, group[1] + 1
-    return model.run_layers(x, kv, range(done, model.config.n_layer)), most
+    stop = model.config.n_layer if stop is None else stop
+    return model.run_layers(x, kv, range(done, stop)), most
 
 
 @torch.no_grad()
 def encode_prompt(model: LCKVModel, idx: Tensor, cache: KVCache, mode: str = "parallel",
-                  tol: float = ADAPTIVE_TOL) -> tuple[Tensor, int]:
+                  tol: float = ADAPTIVE_TOL, fast_prefill: bool = True) -> tuple[Tensor, int]:
     """Encode the prompt idx (B, P) into an empty cache (whose `pad` marks left padding);
     returns (logits of the last token (B, V), passes used per group).
 
     "parallel": the paper's iteration with m + b passes per group (exact when m + b >= P,
     Theorem 1). "sequential": token by token (P steps). "adaptive": each group iterates until no
     cached KV changes by more than `tol` between two passes, at most m + b passes.
+    fast_prefill (parallel and adaptive): run the `last_token_layers` on the last token only.
     """
     c = model.config
     if mode == "sequential":
@@ -231,11 +239,17 @@ def encode_prompt(model: LCKVModel, idx: Tensor, cache: KVCache, mode: str = "pa
     elif mode in ("parallel", "adaptive"):
         kv = PassKVs(pad=cache.pad)
         m, b = c.forward_passes, c.backward_passes
+        above = last_token_layers(c) if fast_prefill else range(c.n_layer, c.n_layer)  # none
         if mode == "parallel":
-            h, _ = model.forward_parallel(model.embed(idx), m, b, kv)
+            h, _ = model.forward_parallel(model.embed(idx), m, b, kv, stop=above.start)
             passes = m + b if c.iteration_groups else 1
         else:
-            h, passes = adaptive_parallel(model, model.embed(idx), kv, m + b, tol)
+            h, passes = adaptive_parallel(model, model.embed(idx), kv, m + b, tol, above.start)
+        if above:
+            # Fast prefill (YOCO's prefill early exit, vLLM's fast prefill): the layers above the
+            # last KV layer write no KVs, so only the last token's output is needed from them;
+            # run on it alone, they still attend to every prompt token's cached KVs.
+            h = model.run_layers(h[:, -1:], kv, above, q_start=idx.size(1) - 1)
         for j in c.kv_layers:
             cache.write(j, *kv[j])
     else:
@@ -254,7 +268,7 @@ def generate_stream(model: LCKVModel, prompts, max_new_tokens: int, *,
                     sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
                     prefill: str = "parallel", stop_tokens=None, sink_size: int | None = None,
                     window_size: int | None = None, tol: float = ADAPTIVE_TOL,
-                    cache: KVCache | None = None):
+                    cache: KVCache | None = None, fast_prefill: bool = True):
     """Yield (next tokens (B, 1), the logits they were sampled from (B, V)) one step at a time.
     See `generate` for the arguments. `cache`: a KVCache to fill (it is reset first) instead of
     a new one, to reuse its buffers or to watch it; its capacity must fit the generation."""
@@ -298,7 +312,7 @@ def generate_stream(model: LCKVModel, prompts, max_new_tokens: int, *,
                              f"{B}, {capacity} tokens, sink_size {sink_size})")
         cache.reset(pad=pad)
     capacity = cache.capacity
-    logits, _ = encode_prompt(model, idx, cache, prefill, tol)
+    logits, _ = encode_prompt(model, idx, cache, prefill, tol, fast_prefill)
     done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
     token = idx[:, -1:]
     for i in range(max_new_tokens):
@@ -320,13 +334,14 @@ def generate(model: LCKVModel, prompts, max_new_tokens: int, *,
              sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
              prefill: str = "parallel", stop_tokens=None, sink_size: int | None = None,
              window_size: int | None = None, tol: float = ADAPTIVE_TOL,
-             cache: KVCache | None = None):
+             cache: KVCache | None = None, fast_prefill: bool = True):
     """Continue the prompts by up to max_new_tokens tokens.
 
     prompts: a (B, P) tensor, or a list of token sequences of any lengths (padded on the left,
     invisibly: each row is what it would be alone). sampling: temperature (0 is greedy), top_k,
     top_p; `generator` seeds it. prefill: "parallel" (m + b passes), "sequential" or "adaptive"
-    (see `encode_prompt`). stop_tokens: a row that samples one of them stops (it repeats that
+    (see `encode_prompt`; fast_prefill runs the layers above the last KV layer on the last
+    prompt token only). stop_tokens: a row that samples one of them stops (it repeats that
     token while the other rows go on); generation ends when every row has stopped. With
     sink_size and window_size the cache streams (StreamingLLM): it keeps the first sink_size
     tokens and the latest ones, so memory is flat and generation may run past block_size.
@@ -340,7 +355,7 @@ def generate(model: LCKVModel, prompts, max_new_tokens: int, *,
         new = [t for t, _ in generate_stream(
             model, prompts, max_new_tokens, sampling=sampling, generator=generator,
             prefill=prefill, stop_tokens=stop_tokens, sink_size=sink_size,
-            window_size=window_size, tol=tol, cache=cache)]
+            window_size=window_size, tol=tol, cache=cache, fast_prefill=fast_prefill)]
     finally:
         model.train(was_training)
     if isinstance(prompts, Tensor):

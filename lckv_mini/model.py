@@ -369,24 +369,29 @@ class LCKVModel(nn.Module):
             h = self.group_pass(x, kv, group, first=m + p == 0, last=p == b - 1)
         return h
 
-    def forward_parallel(self, x: Tensor, m: int, b: int, kv: PassKVs | None = None
-                         ) -> tuple[Tensor, PassKVs]:
+    def forward_parallel(self, x: Tensor, m: int, b: int, kv: PassKVs | None = None,
+                         stop: int | None = None) -> tuple[Tensor, PassKVs]:
         """The iterative parallel computation on embeddings x (B, T, C).
 
         Layers outside the iteration groups run once; each group runs m passes without gradient
         and b with gradient on the output of what lies below it (group k's input is group k-1's
         final output). Returns the final hidden states and the store holding every KV layer's
         final KVs. kv: an empty PassKVs to fill (to pass left padding), else a new one.
+        stop: run the layers below it only (above every group; the caller runs the rest).
         """
         if m < 0 or b < 1:
             raise ValueError(f"need forward_passes m >= 0 and backward_passes b >= 1, got {m}, {b}")
+        groups = self.config.iteration_groups
+        stop = self.config.n_layer if stop is None else stop
+        if groups and stop <= groups[-1][1]:
+            raise ValueError(f"stop={stop} cuts the iteration group {groups[-1]}")
         kv = PassKVs() if kv is None else kv
         done = 0
-        for group in self.config.iteration_groups:
+        for group in groups:
             x = self.run_layers(x, kv, range(done, group[0]))
             x = self.iterate_group(x, kv, group, m, b)
             done = group[1] + 1
-        return self.run_layers(x, kv, range(done, self.config.n_layer)), kv
+        return self.run_layers(x, kv, range(done, stop)), kv
 
     # -- sequential (Fig. 2a) ------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from lckv_mini.config import LCKVConfig, make_layer_types
+from lckv_mini.config import LCKVConfig, gemma_layers, make_layer_types
 from lckv_mini.model import LCKVModel, PassKVs
 
 # Every run draws the same examples, wherever it runs (the README's command, CI): a verdict never
@@ -25,12 +25,13 @@ settings.load_profile("default")
 torch.set_num_threads(1)
 
 # "study": a family of arXiv 2410.14442 (pizza/sandwich/lasagna x bottom/middle/top);
-# "groups": lasagna-top or -middle, which have several iteration groups. Hypothesis favours the
+# "groups": lasagna-top or -middle, which have several iteration groups; "gemma": the downward
+# sharing of Gemma 3n / 4 (sliding and full layers, the top ones shared). Hypothesis favours the
 # first entries of a sampled_from (and small integers, False): the families that read from above
 # come first, and "random" always has a read from above, so most examples (CI's derandomised set
 # included) reach the case the equivalence claims are about; tests/test_zz_coverage.py counts.
-FAMILIES = ("random", "lckv", "groups", "study", "standard", "cla", "yoco", "random", "lckv",
-            "groups", "random")
+FAMILIES = ("random", "lckv", "groups", "study", "random", "standard", "cla", "yoco", "gemma",
+            "random", "lckv", "groups", "random")
 UPWARD_FAMILIES = ("random", "lckv", "groups", "study")
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -53,7 +54,21 @@ def layer_types(draw, n_layer: int, family: str):
         top = n_layer // 2 if kind.startswith("lasagna") else n_layer - 1
         if top < 1:
             return make_layer_types("lckv", n_layer, warmup=0)
-        return make_layer_types(kind, n_layer, n_kv_layers=draw(st.integers(1, top)))
+        k = draw(st.integers(1, top))
+        try:
+            return make_layer_types(kind, n_layer, n_kv_layers=k)
+        except ValueError:  # a middle that is the top (blocks of two) is asked for as the top
+            return make_layer_types(kind.replace("middle", "top"), n_layer, n_kv_layers=k)
+    if family == "gemma":
+        # Gemma 3n / 4: sliding layers, every period-th full, the last n_shared layers reading
+        # the last layer of their type below them; as many shared as the types allow
+        period = draw(st.sampled_from([2, 5, 3, 1]))
+        n_shared = n_layer - 1 - draw(st.integers(0, n_layer - 1))
+        while True:
+            try:
+                return gemma_layers(n_layer, n_shared, period)
+            except ValueError:  # a shared layer's type has no layer below the shared ones
+                n_shared -= 1
     if family == "groups":
         if n_layer < 4:
             return make_layer_types("lckv", n_layer, warmup=0)

@@ -1,18 +1,28 @@
 """The benchmark code runs and writes what it promises (tiny shapes; no timing is asserted)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
-from lckv_mini.bench import SHAPES, main, max_batch, param_count, training_flops, variants
+from lckv_mini.bench import (
+    SHAPES,
+    main,
+    max_batch,
+    param_count,
+    prefill_flops,
+    training_flops,
+    variants,
+)
 from lckv_mini.generate import KVCache, cache_bytes
 from lckv_mini.model import LCKVModel
 
 TINY = ["--shape", "tiny", "--shapes", "tiny", "llama-7b", "--cpu-budget-gib", "0.0005",
         "--prompt-len", "4", "--gen-len", "6", "--reps", "1", "--prompt-lens", "4", "6",
         "--train-len", "8", "--seq-train-len", "3", "--windows", "4", "6", "--stream-len", "12",
-        "--max-batch-cap", "4"]
+        "--max-batch-cap", "4", "--layout-layers", "4", "--layout-kv", "2", "1",
+        "--layout-prompt-len", "8", "--sliding-window", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +39,7 @@ def results(tmp_path_factory):
 
 def test_every_benchmark_writes_json_with_its_fields(results):
     out, res, plotted = results
-    for name in ("memory", "throughput", "prefill", "train", "streaming"):
+    for name in ("memory", "throughput", "prefill", "train", "streaming", "layouts"):
         data = json.loads((out / f"{name}.json").read_text())
         assert {"rows", "machine", "device", "args", "settings"} <= data.keys()
         assert data["machine"]["torch"] and data["rows"]
@@ -42,6 +52,27 @@ def test_every_benchmark_writes_json_with_its_fields(results):
             "batch_ratio_bound"} <= summary[0].keys()
     passes = {r["mode"]: r["passes"] for r in res["prefill"]["rows"] if r["prompt_len"] == 6}
     assert passes["sequential"] == 6 and passes["parallel"] == 9 and passes["adaptive"] <= 9
+
+
+def test_the_layouts_benchmark_sets_the_families_side_by_side(results):
+    _, res, _ = results
+    rows = res["layouts"]["rows"]
+    for part in ("train", "prefill"):
+        for k in (2, 1):
+            got = {r["family"]: r for r in rows if r["part"] == part and r["kv_layers"] == k
+                   or r["part"] == part and r["family"] == "standard"}
+            assert set(got) == {"standard", *(f"{p}-{t}" for p in ("pizza", "sandwich", "lasagna")
+                                              for t in ("bottom", "middle", "top"))}
+            assert got["standard"]["time_ratio"] == got["standard"]["flop_ratio"] == 1.0
+            assert got["pizza-top"]["flop_ratio"] > 1  # it iterates
+    # 2 KV layers of 4: lasagna blocks of two, whose middle is the top: one layout, timed once
+    middle = next(r for r in rows if r["part"] == "train" and r["family"] == "lasagna-middle"
+                  and r["kv_layers"] == 2)
+    assert middle["layer_types"] == "1_1_3_3" and "lasagna-top" in middle["same_as"]
+    fast = {r["family"]: r for r in rows if r["part"] == "fast prefill"}
+    assert set(fast) == {"yoco", "gemma"}
+    assert fast["yoco"]["skipped_share"] == 0.5 and fast["yoco"]["flop_ratio"] < 1
+    assert all(len(r["full_times_s"]) == 1 for r in fast.values())
 
 
 def test_memory_rows_follow_the_formula(results):
@@ -76,6 +107,36 @@ def test_training_flops_count_the_iteration():
     assert more > one
     std = variants(SHAPES["tiny"])["standard"]
     assert training_flops(std, 8, 7, 2) == training_flops(std, 8, 0, 1)  # no block: one pass
+
+
+def test_training_flops_count_every_group():
+    # lasagna-top "1_1_3_3": two groups, (0, 1) and (2, 3), each iterated m + b times by itself
+    config = replace(SHAPES["tiny"], layer_types="1_1_3_3")
+    assert config.iteration_groups == ((0, 1), (2, 3))
+    C, I, V, T = config.n_embd, config.intermediate_size, config.vocab_size, 8
+    hd, kvd = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    kv, attn, mlp = 2 * T * 2 * C * kvd, 2 * T * 2 * C * hd + 4 * T * T * hd, 2 * T * 3 * C * I
+    first = mlp + kv  # the reader skips attention (zero KVs), the top only writes its KVs
+    middle, last = (attn + mlp) + kv, (attn + mlp) + (kv + attn + mlp)
+    group = first + 6 * middle + 3 * middle + 3 * last  # m = 7 (cost 1), b = 2 (cost 3)
+    assert training_flops(config, T, 7, 2) == 2 * group + 3 * 2 * T * C * V
+    # prompt encoding: the same passes, forward only, and the head on the last token
+    assert prefill_flops(config, T, 7, 2) == 2 * (first + 7 * middle + last) + 2 * C * V
+
+
+def test_prefill_flops_count_the_fast_prefill():
+    config = replace(SHAPES["tiny"], layer_types="0s_1s_1_1", sliding_window=4)  # YOCO, 4 layers
+    C, I, V, P = config.n_embd, config.intermediate_size, config.vocab_size, 16
+    hd, kvd = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+
+    def layer(Tq, own_kv):
+        return ((2 * Tq * 2 * C * kvd if own_kv else 0) + 2 * Tq * 2 * C * hd
+                + 4 * Tq * P * hd + 2 * Tq * 3 * C * I)
+
+    head = 2 * C * V
+    assert prefill_flops(config, P, 7, 2, fast_prefill=False) == 2 * layer(P, True) + 2 * layer(
+        P, False) + head
+    assert prefill_flops(config, P, 7, 2) == 2 * layer(P, True) + 2 * layer(1, False) + head
 
 
 def test_training_flops_without_the_wasted_work():

@@ -1,10 +1,11 @@
 """Layer layouts and the clear errors for bad configurations."""
 
 import dataclasses
+import re
 
 import pytest
 
-from lckv_mini.config import LCKVConfig, make_layer_types
+from lckv_mini.config import LCKVConfig, can_serve_downward, gemma_layers, make_layer_types
 from lckv_mini.model import LCKVModel
 
 BASE = dict(vocab_size=10, n_layer=4, n_head=2, n_kv_head=1, n_embd=8, intermediate_size=8,
@@ -56,9 +57,17 @@ def test_iteration_groups(layer_types, groups):
 
 
 def test_study_families_match_the_official_examples():
-    # arXiv 2410.14442 as the official README writes its examples (22 layers)
+    # arXiv 2410.14442 as the official README writes its examples (22 layers, github.com/whyNLP/
+    # LCKV, README "we also support this"): a middle block of 20 layers reads its lower middle
     assert make_layer_types("sandwich-middle", 22, n_kv_layers=3) == "_".join(
         ["0"] + ["10"] * 20 + ["21"])
+    # The authors' training times of the 110M (12-layer) models with 6 KV layers (whyNLP/LCKV
+    # issue #10): lasagna-middle costs what lasagna-top costs (166,054 s against 174,526 s), not
+    # what lasagna-bottom costs (55,141 s), so each block of two reads its top: the very layout
+    # of lasagna-top, which the builder names instead of building it twice.
+    with pytest.raises(ValueError, match="is the layout lasagna-top gives .*ask for lasagna-top"):
+        make_layer_types("lasagna-middle", 12, n_kv_layers=6)
+    assert make_layer_types("lasagna-top", 12, n_kv_layers=6) == "1_1_3_3_5_5_7_7_9_9_11_11"
     assert make_layer_types("sandwich-top", 22, n_kv_layers=3) == "_".join(
         ["0"] + ["20"] * 20 + ["21"])  # LCKV w=2
     assert make_layer_types("lasagna-bottom", 22, n_kv_layers=11) == make_layer_types(
@@ -73,6 +82,81 @@ def test_study_families_match_the_official_examples():
     assert make_layer_types("lasagna-top", 6, n_kv_layers=3) == "1_1_3_3_5_5"
     assert make_layer_types("lasagna-middle", 7, n_kv_layers=2) == "1_1_1_1_5_5_5"
     assert make_layer_types("lasagna-top", 7, n_kv_layers=2) == "3_3_3_3_6_6_6"
+
+
+@pytest.mark.parametrize("kind, n_layer, k, top", [
+    ("lasagna-middle", 4, 2, "1_1_3_3"),
+    ("pizza-middle", 4, 3, "0_1_3_3"),  # the shared block holds layers 2 and 3
+    ("sandwich-middle", 3, 2, "0_2_2"),
+])
+def test_a_middle_that_is_the_top_is_refused_by_name(kind, n_layer, k, top):
+    partition = kind.split("-")[0]
+    assert make_layer_types(f"{partition}-top", n_layer, n_kv_layers=k) == top
+    with pytest.raises(ValueError, match=f"{kind} with {k} KV layers of {n_layer} is the layout "
+                                         f"{partition}-top gives \\({top}\\)"):
+        make_layer_types(kind, n_layer, n_kv_layers=k)
+
+
+def test_the_middle_is_the_lower_middle_never_the_bottom():
+    # blocks of 3, 2 and 2 (the larger at the bottom): 1 is the middle of 0..2; 3..4 and 5..6 hold
+    # two layers each, whose middle is the top. The layout is neither lasagna-top nor -bottom.
+    assert make_layer_types("lasagna-middle", 7, n_kv_layers=3) == "1_1_1_4_4_6_6"
+    assert make_layer_types("lasagna-top", 7, n_kv_layers=3) == "2_2_2_4_4_6_6"
+    assert make_layer_types("lasagna-bottom", 7, n_kv_layers=3) == "0_0_0_3_3_5_5"
+    assert make_layer_types("lasagna-middle", 12, n_kv_layers=3) == "1_1_1_1_5_5_5_5_9_9_9_9"
+    assert make_layer_types("pizza-middle", 12, n_kv_layers=6) == "0_1_2_3_4_8_8_8_8_8_8_8"
+
+
+def test_gemma_layout_is_gemma_3n():
+    # Gemma 3n E2B: 30 layers, 4 sliding : 1 full, the last 10 shared; in Hugging Face's
+    # Gemma3n a shared sliding layer reads the layer 2 below the first shared one (18), a full one
+    # the layer just below it (19), the last of each type before sharing starts
+    layout = gemma_layers(30, 10, period=5)
+    config = LCKVConfig(**{**BASE, "n_layer": 30}, layer_types=layout, sliding_window=512)
+    assert config.kv_layers == tuple(range(20))
+    assert config.sliding_layers == tuple((i + 1) % 5 != 0 for i in range(30))
+    assert config.kv_sources[20:] == (18, 18, 18, 18, 19) * 2
+    assert config.iteration_groups == ()
+    assert make_layer_types("gemma", 30, n_kv_layers=20) == layout
+    assert make_layer_types("gemma", 12) == "0s_1s_2s_3s_4_5s_6s_7s_7s_4_7s_7s"  # 4 of 12 shared
+    assert make_layer_types("gemma", 6) == "0s_1s_2s_3s_4_3s"  # 2 would share the only full one
+    assert gemma_layers(4, 2, period=2) == "0s_1_0s_1"
+    assert gemma_layers(3, 0) == "0s_1s_2s"
+
+
+@pytest.mark.parametrize("args, message", [
+    ((5, 1), "shared layer 4 is full, but no layer below the 1 shared ones is"),
+    ((6, 6), "n_shared must be in \\[0, n_layer - 1 = 5\\], got 6"),
+    ((6, -1), "n_shared must be in"),
+    ((6, 1, 0), "period must be >= 1"),
+])
+def test_bad_gemma_layout_raises(args, message):
+    with pytest.raises(ValueError, match=message):
+        gemma_layers(*args)
+
+
+@pytest.mark.parametrize("layout, ok, layer, reason", [
+    (make_layer_types("standard", 12), True, None, "every layer reads itself or a layer below"),
+    (make_layer_types("cla", 12), True, None, ""),
+    (make_layer_types("yoco", 12), True, None, ""),  # sliding target, full readers: one type
+    (make_layer_types("gemma", 12), True, None, ""),
+    (gemma_layers(30, 10), True, None, ""),
+    (make_layer_types("lckv", 12), False, 1, "layer 1 reads layer 10, above it"),
+    (make_layer_types("sandwich-top", 12), False, 3, "layer 3 reads layer 9, above it"),
+    (make_layer_types("lasagna-top", 12), False, 0, "layer 0 reads layer 1, above it"),
+    (make_layer_types("pizza-middle", 12), False, 5, "layer 5 reads layer 8, above it: layer "
+     "8's KVs of a token are computed after layer 5 runs on it"),
+    ("0s_0_0s_3", False, 2, "layer 2 \\(sliding attention\\) reads layer 0, which layer 1 "
+     "\\(full attention\\) reads too"),
+    ("0_1_1s_1_4", False, 3, "layer 3 \\(full attention\\) reads layer 1, which layer 2 "
+     "\\(sliding"),  # the first reader sets the type; the target's own is not counted
+])
+def test_who_can_serve_downward_sharing(layout, ok, layer, reason):
+    for spec in (layout, layout.split("_"), LCKVConfig(**{**BASE, "n_layer": len(layout.split(
+            "_"))}, layer_types=layout, sliding_window=2)):
+        verdict = can_serve_downward(spec)
+        assert (verdict.ok, verdict.layer) == (ok, layer)
+        assert re.search(reason, verdict.reason), verdict.reason
 
 
 def test_mixattention_pattern_parses():

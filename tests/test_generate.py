@@ -18,6 +18,7 @@ from lckv_mini.generate import (
     encode_prompt,
     generate,
     generate_stream,
+    last_token_layers,
     logits_to_probs,
     sample,
 )
@@ -25,7 +26,8 @@ from lckv_mini.model import LCKVModel, apply_rope
 
 seeds = st.integers(0, 2**16)
 # every family, the ones that read from above (masked diagonal) drawn most
-MOSTLY_UPWARD = ("random", "lckv", "groups", "study", "random", "standard", "cla", "yoco")
+MOSTLY_UPWARD = ("random", "lckv", "groups", "study", "random", "standard", "cla", "yoco",
+                 "gemma")
 
 
 @given(config=configs(families=MOSTLY_UPWARD, forward_passes=8, block_size=24), P=st.integers(1, 8),
@@ -110,6 +112,90 @@ def test_lckv_cache_is_w_plus_1_over_L_of_standard(n_layer, w):
     lckv = cache_bytes(LCKVConfig(**base, layer_types=make_layer_types("lckv", n_layer,
                                                                        warmup=w)), 4, 2048)
     assert lckv * n_layer == std * (w + 1)
+
+
+# -- fast prefill -----------------------------------------------------------------------------
+
+
+def small(layer_types, n_layer=6, **kw):
+    fields = dict(vocab_size=23, n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=16,
+                  intermediate_size=12, block_size=24, layer_types=layer_types, sliding_window=3)
+    return LCKVConfig(**{**fields, **kw})
+
+
+def layer_inputs(model):
+    """Hooks recording how many tokens each layer runs on, in order: [(layer, T), ...]."""
+    seen = []
+    for i, block in enumerate(model.model.layers):
+        block.register_forward_pre_hook(lambda _, args, i=i: seen.append((i, args[0].size(1))))
+    return seen
+
+
+# Every family draws: those whose top layers read below them (gemma, yoco, cla, random, some
+# study layouts) skip work, the others (lckv, the top of every upward family) skip nothing.
+@settings(max_examples=60)
+@given(config=configs(families=("gemma", "yoco", "random", "cla", "gemma", "random", "study",
+                                "lckv"), block_size=24),
+       P=st.integers(1, 10).map(lambda k: 13 - k), mode=st.sampled_from(["parallel", "adaptive"]),
+       ragged=st.booleans(), seed=seeds)
+@example(config=small(make_layer_types("gemma", 6)), P=12, mode="parallel", ragged=False, seed=0)
+@example(config=small(make_layer_types("yoco", 6)), P=12, mode="adaptive", ragged=True, seed=1)
+@example(config=small("0_1_1s_3_3_3s"), P=9, mode="parallel", ragged=True, seed=2)
+def test_fast_prefill_equals_the_full_encoding(config, P, mode, ragged, seed):
+    skipped = last_token_layers(config)
+    record("fast_prefill", config, P, skipped=len(skipped))
+    model = random_model(config, seed)
+    idx = random_tokens(config, 2, P, seed)
+    pad = torch.tensor([0, P // 2]) if ragged else None  # row 1 left-padded by P // 2 tokens
+
+    def encode(fast):
+        cache = KVCache(config, 2, P, dtype=torch.float64, pad=pad)
+        logits, _ = encode_prompt(model, idx, cache, mode, tol=1e-12, fast_prefill=fast)
+        return logits, cache
+
+    seen = layer_inputs(model)
+    fast, fast_cache = encode(True)
+    assert all(T == (1 if i in skipped else P) for i, T in seen)
+    full, full_cache = encode(False)
+    for j in config.kv_layers:  # the cache is the same computation: bit-identical
+        assert torch.equal(fast_cache.read(j)[0], full_cache.read(j)[0])
+        assert torch.equal(fast_cache.read(j)[1], full_cache.read(j)[1])
+    # The logits differ only in float64 rounding: BLAS sums one row of a (1, C) @ (C, N) product
+    # in another order than the same row of a (P, C) @ (C, N) one (measured: a few 1e-16).
+    if skipped:
+        torch.testing.assert_close(fast, full, rtol=1e-12, atol=1e-12)
+    else:
+        assert torch.equal(fast, full)
+
+
+@pytest.mark.parametrize("kind, kw", [("lckv", dict(warmup=0)), ("lckv", dict(warmup=2)),
+                                      ("lckv", dict(warmup=4)), ("sandwich-top", {}),
+                                      ("pizza-top", {}), ("lasagna-top", {}),
+                                      ("standard", {})])
+def test_fast_prefill_is_a_no_op_where_the_top_layer_computes_kvs(kind, kw):
+    config = small(make_layer_types(kind, 6, **kw))
+    assert list(last_token_layers(config)) == []  # LCKV's top KV layer is the top
+    model = random_model(config, 0)
+    seen = layer_inputs(model)
+    logits = [encode_prompt(model, random_tokens(config, 1, 9, 0),
+                            KVCache(config, 1, 9, dtype=torch.float64), fast_prefill=fast)[0]
+              for fast in (True, False)]
+    assert torch.equal(*logits)
+    assert {T for _, T in seen} == {9}  # every layer ran on every token, both times
+
+
+def test_a_stop_inside_an_iteration_group_is_refused():
+    model = random_model(small(make_layer_types("lckv", 6)), 0)  # group (1, 4)
+    with pytest.raises(ValueError, match="stop=4 cuts the iteration group \\(1, 4\\)"):
+        model.forward_parallel(model.embed(random_tokens(model.config, 1, 3, 0)), 1, 1, stop=4)
+
+
+def test_fast_prefill_skips_the_layers_above_the_last_kv_layer():
+    assert list(last_token_layers(small(make_layer_types("yoco", 6)))) == [3, 4, 5]
+    assert list(last_token_layers(small(make_layer_types("gemma", 6)))) == [5]
+    assert list(last_token_layers(small(make_layer_types("cla", 6, group=3)))) == [4, 5]
+    config = small(make_layer_types("gemma", 30, n_kv_layers=20), n_layer=30)
+    assert list(last_token_layers(config)) == list(range(20, 30))  # Gemma 3n: a third skipped
 
 
 # -- streaming ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from reference import brute_force_groups, every_layer_types, parse, reference_logits
 
-from lckv_mini.config import LCKVConfig, iteration_groups, make_layer_types
+from lckv_mini.config import LCKVConfig, gemma_layers, iteration_groups, make_layer_types
 from lckv_mini.model import LCKVModel
 
 
@@ -48,6 +48,24 @@ def test_the_model_equals_the_independent_reference(config, T, seed):
         sequential, _ = model(idx, mode="sequential")
         # Theorem 1: with m + b >= T passes the parallel computation is the sequential one
         parallel, _ = model(idx, forward_passes=T, backward_passes=1)
+    torch.testing.assert_close(sequential, expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(parallel, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("layer_types", [
+    gemma_layers(6, 2, period=2),  # 0s_1_2s_3_2s_3: a shared sliding layer and a shared full one
+    make_layer_types("gemma", 6),  # 0s_1s_2s_3s_4_3s
+    gemma_layers(5, 3, period=1),  # every layer full: 0_1_1_1_1
+])
+def test_gemma_layouts_equal_the_independent_reference(layer_types):
+    # the property test above draws the gemma family too; these fix the shapes it must cover
+    config = small(layer_types, n_layer=len(layer_types.split("_")))
+    model = random_model(config, 0)
+    idx = random_tokens(config, 2, 9, 0)
+    with torch.no_grad():
+        sequential, _ = model(idx, mode="sequential")
+        parallel, _ = model(idx)
+    expected = reference_batch(model, idx)
     torch.testing.assert_close(sequential, expected, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(parallel, expected, rtol=1e-9, atol=1e-9)
 
@@ -115,7 +133,14 @@ def test_a_chain_of_reads_from_above_is_one_group():
     ("sandwich-middle", 7, "0_3_3_3_3_3_6"),  # 3 KV layers: 2 standard, one at each end
     ("lasagna-bottom", 5, "0_0_0_3_3"),  # 2 blocks: the larger one at the bottom
     ("lasagna-top", 7, "2_2_2_4_4_6_6"),
-    ("lasagna-middle", 6, "0_0_2_2_4_4"),
+    ("lasagna-middle", 7, "1_1_1_4_4_6_6"),  # blocks 0-2, 3-4, 5-6: a block of two reads its top
+    ("gemma", 6, "0s_1s_2s_3s_4_3s"),  # layer 4 is full; 1 shared (2 would leave no full below)
 ])
 def test_layout_builders_defaults(kind, n_layer, layer_types):
     assert make_layer_types(kind, n_layer) == layer_types
+
+
+def test_the_default_lasagna_middle_of_an_even_depth_is_refused():
+    # n_kv_layers = n_layer // 2: blocks of two, whose middle is the top
+    with pytest.raises(ValueError, match="ask for lasagna-top"):
+        make_layer_types("lasagna-middle", 6)

@@ -6,6 +6,8 @@
     python -m lckv_mini.bench train       # training step time vs the FLOP-count prediction
     python -m lckv_mini.bench passes      # the passes with and without their wasted work
     python -m lckv_mini.bench streaming   # Fig. 5: per-token latency and memory vs cache size
+    python -m lckv_mini.bench layouts     # arXiv 2410.14442's nine families: step and prefill
+                                          # cost vs FLOPs; fast prefill of YOCO and Gemma
     python -m lckv_mini.bench all
     python -m lckv_mini.bench gpu-check --out results/<device>  # the GPU check (docs/gpu.md)
 
@@ -20,6 +22,8 @@ Files, one question each:
                     latency, Fig. 5 streaming
     training.py     the training step's FLOP count and time, the passes' wasted work, and the GPU
                     check's training part (tokens/s, MFU, peak memory)
+    layouts.py      the follow-up study's families side by side: training step and prompt
+                    encoding against their FLOP counts; fast prefill on and off
     correctness.py  the GPU check's correctness part: the device against the CPU's answers
     gpu_check.py    the GPU check: its sizes, running the parts, summary.md
     plots.py        PNGs shaped like the paper's figures
@@ -29,13 +33,23 @@ Files, one question each:
 from .cli import BENCHES, main, parse_args
 from .common import SHAPES, dtype_of, machine, measure_bandwidth, sync, table, timeit, variants
 from .gpu_check import PARTS
+from .layouts import bench_layouts, prefill_flops
 from .memory import activation_bytes, bench_memory, max_batch, param_count
 from .plots import PLOTS, plot, ratio_bars
 from .throughput import batch_sizes, bench_prefill, bench_streaming, bench_throughput
-from .training import bench_passes, bench_train, naive_parallel, peak_flops, training_flops
+from .training import (
+    bench_passes,
+    bench_train,
+    group_pass_flops,
+    layer_flops,
+    naive_parallel,
+    peak_flops,
+    training_flops,
+)
 
 __all__ = ["BENCHES", "PARTS", "PLOTS", "SHAPES", "activation_bytes", "batch_sizes",
-           "bench_memory", "bench_passes", "bench_prefill", "bench_streaming", "bench_throughput",
-           "bench_train", "dtype_of", "machine", "main", "max_batch", "measure_bandwidth",
-           "naive_parallel", "param_count", "parse_args", "peak_flops", "plot", "ratio_bars",
-           "sync", "table", "timeit", "training_flops", "variants"]
+           "bench_layouts", "bench_memory", "bench_passes", "bench_prefill", "bench_streaming",
+           "bench_throughput", "bench_train", "dtype_of", "group_pass_flops", "layer_flops",
+           "machine", "main", "max_batch", "measure_bandwidth", "naive_parallel", "param_count",
+           "parse_args", "peak_flops", "plot", "prefill_flops", "ratio_bars", "sync", "table",
+           "timeit", "training_flops", "variants"]

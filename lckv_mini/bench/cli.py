@@ -9,15 +9,17 @@ import sys
 import time
 from pathlib import Path
 
-from . import gpu_check
+from . import gpu_check, realmodel
 from .common import SHAPES, machine
+from .layouts import bench_layouts
 from .memory import bench_memory
 from .plots import plot
 from .throughput import bench_prefill, bench_streaming, bench_throughput
 from .training import bench_passes, bench_train
 
 BENCHES = {"memory": bench_memory, "throughput": bench_throughput, "prefill": bench_prefill,
-           "train": bench_train, "passes": bench_passes, "streaming": bench_streaming}
+           "train": bench_train, "passes": bench_passes, "streaming": bench_streaming,
+           "layouts": bench_layouts}
 
 
 def parse_args(argv=None):
@@ -46,6 +48,13 @@ def parse_args(argv=None):
                    help="depths for the passes benchmark")
     p.add_argument("--windows", type=int, nargs="+", default=[28, 124, 508])
     p.add_argument("--stream-len", type=int, default=1024)
+    p.add_argument("--layout-layers", type=int, default=12, help="depth for the layouts benchmark")
+    p.add_argument("--layout-kv", type=int, nargs="+", default=[6],
+                   help="KV layers of the study's families (6 of 12: 2x; 3: 4x)")
+    p.add_argument("--layout-prompt-len", type=int, default=512,
+                   help="prompt length of the layouts benchmark's prompt encoding")
+    p.add_argument("--sliding-window", type=int, default=128, help="window of YOCO's and "
+                   "Gemma's sliding layers in the layouts benchmark")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default="bench_results", help="folder for JSON and PNGs")
     p.add_argument("--plot", action="store_true")
@@ -56,6 +65,8 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["gpu-check"]:
         return gpu_check.main(argv[1:])
+    if argv[:1] in (["conversion"], ["continued"]):  # a real model: see realmodel.py
+        return realmodel.main(argv[0], argv[1:])
     args = parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

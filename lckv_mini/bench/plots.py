@@ -31,6 +31,12 @@ PLOTS = {
     "passes": dict(title="Passes without their wasted work: step time after / before",
                    ylabel="after / before",
                    series=lambda rows: ratio_bars(rows, lambda r: f"{r['n_layer']} layers")),
+    "layouts": dict(title="The study's families: training step time relative to standard",
+                    ylabel="step time / standard",
+                    rotate=True,
+                    series=lambda rows: ratio_bars(
+                        [r for r in rows if r["part"] == "train"],
+                        lambda r: f"{r['family']}, {r['kv_layers']} KV")),
     "streaming": dict(title="Streaming decode latency against cache size (Fig. 5)",
                       lines="model", x="cache_tokens", y="ms_per_token",
                       xlabel="cache size (tokens)", ylabel="ms per generated token"),
@@ -60,6 +66,8 @@ def plot(name: str, result: dict, out_dir: Path) -> Path:
                           [values.get(c, 0) for c in cats], width, label=label)
             ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(cats))], cats)
+        if spec.get("rotate"):
+            ax.tick_params(axis="x", labelrotation=60, labelsize=7)
         if spec.get("ylog"):
             ax.set_yscale("log")
     ax.set_ylabel(spec["ylabel"])

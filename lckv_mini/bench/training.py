@@ -31,38 +31,53 @@ from .common import (
 # Training cost
 
 
+def layer_flops(config: LCKVConfig, i: int, Tq: int, Tk: int | None = None, how: str = "full"
+                ) -> int:
+    """Forward matmul FLOPs of layer i for Tq queries against Tk keys (default Tk = Tq, a whole
+    sequence): its k and v projections if it computes KVs, q and o, the scores and the weighted
+    sum, the MLP. how: "full", "kv_only" (k and v only) or "no_attention" (the MLP only)."""
+    Tk = Tq if Tk is None else Tk
+    C, I = config.n_embd, config.intermediate_size
+    q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    kv = 2 * Tq * 2 * C * kv_dim if config.kv_sources[i] == i else 0
+    attn = 2 * Tq * 2 * C * q_dim + 2 * 2 * Tq * Tk * q_dim
+    mlp = 2 * Tq * 3 * C * I
+    return {"full": kv + attn + mlp, "kv_only": kv, "no_attention": mlp}[how]
+
+
+def group_pass_flops(config: LCKVConfig, group: tuple[int, int], T: int, m: int, b: int,
+                     skip_wasted: bool = True) -> list[int]:
+    """Forward FLOPs of each of the m + b passes of an iteration group over T tokens. With
+    skip_wasted (what the model does), the group's top layer only computes k and v before the
+    last pass, and in the first pass the layers reading from above (zero KVs) skip attention."""
+    lo, hi = group
+    costs = []
+    for p in range(m + b):
+        last, first = p == m + b - 1, p == 0
+        cost = 0
+        for i in range(lo, hi + 1):
+            how = "full"
+            if skip_wasted and i == hi and not last:
+                how = "kv_only"
+            elif skip_wasted and first and config.kv_sources[i] > i:
+                how = "no_attention"
+            cost += layer_flops(config, i, T, how=how)
+        costs.append(cost)
+    return costs
+
+
 def training_flops(config: LCKVConfig, T: int, m: int, b: int, skip_wasted: bool = True
                    ) -> float:
     """Matmul FLOPs of one training step per sequence, counting the iteration (Sec. 2.2): layers
     outside the iteration groups run once (forward + backward = 3 forward costs); each group
-    runs m forward-only passes and b passes with backward. With skip_wasted (what the model
-    does), the group's top layer only computes k and v before the last pass, and in the first
-    pass the layers reading from above (zero KVs) skip their attention."""
-    C, I, V = config.n_embd, config.intermediate_size, config.vocab_size
-    q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-    kv = 2 * T * 2 * C * kv_dim  # k and v projections
-    attn = 2 * T * 2 * C * q_dim + 2 * 2 * T * T * q_dim  # q, o; scores and weighted sum
-    mlp = 2 * T * 3 * C * I
-
-    def layer(i, how="full"):  # forward FLOPs of layer i over T tokens
-        own_kv = kv if config.kv_sources[i] == i else 0
-        return {"full": own_kv + attn + mlp, "kv_only": own_kv, "no_attention": mlp}[how]
-
+    (every one of them, bottom up) runs m forward-only passes and b passes with backward, as
+    `group_pass_flops` counts them."""
     inside = {i for lo, hi in config.iteration_groups for i in range(lo, hi + 1)}
-    total = sum(3 * layer(i) for i in range(config.n_layer) if i not in inside)
-    for lo, hi in config.iteration_groups:
-        for p in range(m + b):
-            last, first = p == m + b - 1, p == 0
-            cost = 0
-            for i in range(lo, hi + 1):
-                how = "full"
-                if skip_wasted and i == hi and not last:
-                    how = "kv_only"
-                elif skip_wasted and first and config.kv_sources[i] > i:
-                    how = "no_attention"
-                cost += layer(i, how)
-            total += cost * (1 if p < m else 3)
-    return total + 3 * 2 * T * C * V
+    total = sum(3 * layer_flops(config, i, T) for i in range(config.n_layer) if i not in inside)
+    for group in config.iteration_groups:
+        costs = group_pass_flops(config, group, T, m, b, skip_wasted)
+        total += sum(costs[:m]) + 3 * sum(costs[m:])
+    return total + 3 * 2 * T * config.n_embd * config.vocab_size
 
 
 def naive_parallel(model: LCKVModel, x, m: int, b: int):
