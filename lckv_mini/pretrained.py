@@ -347,6 +347,18 @@ def save_pretrained(model: LCKVModel, folder: str | os.PathLike,
 # Continued training (train.py --init-from)
 
 
+def check_init_folder(folder: str | os.PathLike) -> None:
+    """What continued training needs of a folder, checked before any work, in this order: a
+    config.json of a model this package computes (so another model type is named as such, not
+    as a missing file), its weights, its tokenizer.json, and the packages that read them."""
+    from_hf_config(folder)
+    weight_files(Path(folder))
+    if not (Path(folder) / TOKENIZER).is_file():
+        load_tokenizer(folder)  # raises, with the hint for SentencePiece-only folders
+    require("safetensors.torch")
+    require("tokenizers")
+
+
 def init_config(folder: str | os.PathLike, layers_kind: str = "lckv", *, warmup: int = 2,
                 group: int = 2, n_kv_layers: int | None = None, **overrides) -> LCKVConfig:
     """The folder's model in a layout named as train.py names them: one of config.LAYOUTS

@@ -12,6 +12,8 @@ import argparse
 import json
 import math
 import os
+import re
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -44,7 +46,7 @@ from .data import (
 )
 from .generate import Sampling
 from .model import LCKVModel
-from .pretrained import init_config, init_model, load_tokenizer
+from .pretrained import check_init_folder, init_config, init_model, load_tokenizer
 from .sample import sample_text
 
 LOG = "log.jsonl"
@@ -94,7 +96,7 @@ class TrainConfig:
     eval_iters: int = 10
     out_dir: str = "out"
     resume: bool = False
-    sample_tokens: int = 300
+    sample_tokens: int | None = None  # None: the rest of the block after the prompt
     prompt: str = "\n"
     temperature: float = 0.8
     top_k: int | None = 50
@@ -112,9 +114,10 @@ LR_PRESETS = {"scratch": dict(lr=2e-3, min_lr=2e-4, lr_warmup_iters=30),
               "continue": dict(lr=3e-5, min_lr=3e-6, lr_warmup_iters=10)}
 
 # A few seconds on a CPU: what the tests and `--smoke` run.
+# Its own --out-dir, so that it never collides with the default run's out/.
 SMOKE = dict(n_layer=4, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64, block_size=32,
              batch_size=4, max_iters=20, lr_warmup_iters=2, eval_interval=10, eval_iters=2,
-             sample_tokens=40)
+             out_dir=os.path.join("out", "smoke"))
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> LCKVConfig:
@@ -155,12 +158,140 @@ def unigram_entropy(ids: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# Checking the settings: every flag, before any file or folder is made
+
+
+class ConfigError(ValueError):
+    """A setting out of its range, or settings that contradict each other. The message is one
+    line that names the flag (the TrainConfig field, with dashes)."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# Integer fields and their least value; those in OPTIONAL may also be None (their default).
+INT_MIN = {"n_layer": 1, "n_head": 1, "n_kv_head": 1, "n_embd": 1, "intermediate_size": 1,
+           "block_size": 1, "forward_passes": 0, "backward_passes": 1, "warmup_layers": 0,
+           "cla_group": 1, "n_kv_layers": 1, "sliding_window": 1, "batch_size": 1,
+           "grad_accum": 1, "max_iters": 0, "lr_warmup_iters": 0, "lr_decay_iters": 1,
+           "eval_interval": 1, "eval_iters": 1, "sample_tokens": 0, "top_k": 1}
+OPTIONAL = {"n_kv_layers", "sliding_window", "lr_decay_iters", "sample_tokens", "top_k"}
+# Float fields: (test, the range in words).
+FLOAT_RANGE = {"lr": (lambda v: v > 0, "> 0"),
+               "min_lr": (lambda v: v >= 0, ">= 0"),
+               "weight_decay": (lambda v: v >= 0, ">= 0"),
+               "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+               "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+               "temperature": (lambda v: v >= 0, ">= 0 (0: greedy)")}
+MODES = ("parallel", "sequential")
+TOKENIZERS = ("gpt2", "char")
+LAYER_TYPES = re.compile(r"\d+s?(_\d+s?)*")  # "0_6_6_6_6_6_6_7", "0s_1s_2s_3s_3_3_3_3"
+
+
+def check_config(cfg: TrainConfig) -> LCKVConfig:
+    """Refuse any setting that would fail later or silently do nothing, with a one-line message
+    naming the flag. Reads files (the data file's presence, the checkpoint's, an --init-from
+    folder's config.json) but makes none: `train` calls it before anything is created. Returns
+    the model config the settings describe (with a placeholder vocabulary size)."""
+    for name, least in INT_MIN.items():
+        value = getattr(cfg, name)
+        if value is None and name in OPTIONAL:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{flag(name)} must be an integer >= {least}, got {value!r}")
+    for name, (holds, what) in FLOAT_RANGE.items():
+        value = getattr(cfg, name)
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or not holds(value)):
+            raise ConfigError(f"{flag(name)} must be {what}, got {value!r}")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"--min-lr {cfg.min_lr} exceeds --lr {cfg.lr}: the schedule decays "
+                          "from --lr down to --min-lr")
+    if cfg.mode not in MODES:
+        raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.activation_checkpointing and cfg.mode == "sequential":
+        raise ConfigError("--activation-checkpointing applies to the parallel computation only; "
+                          "drop it or use --mode parallel")
+    if cfg.tokenizer not in TOKENIZERS and not cfg.init_from:
+        raise ConfigError(f"unknown tokenizer {cfg.tokenizer!r} (--tokenizer); valid: "
+                          f"{', '.join(TOKENIZERS)}")
+    if cfg.layers_kind not in LAYOUTS and not LAYER_TYPES.fullmatch(cfg.layers_kind):
+        raise ConfigError(f"unknown --layers-kind {cfg.layers_kind!r}; valid: "
+                          f"{', '.join(LAYOUTS)}, or a layer_types string such as 0_6_6_6_6_6_6_7")
+    if cfg.sample_tokens != 0 and not cfg.prompt:
+        raise ConfigError("--prompt is empty: the sample needs at least one character "
+                          "(or --sample-tokens 0: no sample)")
+    resolve_device(cfg.device)  # an unknown or absent device
+    if cfg.data and not Path(cfg.data).is_file():
+        raise DataError(f"data file {cfg.data} does not exist (--data)")
+    ckpt_path = Path(cfg.out_dir) / CHECKPOINT
+    if cfg.resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    if not cfg.resume and ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose "
+                              "another --out-dir (nothing was overwritten)")
+    if cfg.init_from:  # the folder's model type before anything else of it
+        check_init_folder(cfg.init_from)
+    config = model_config(cfg, vocab_size=1)  # layout, heads, passes: any vocabulary will do
+    if cfg.init_from and cfg.block_size > config.block_size:
+        raise ConfigError(f"--block-size {cfg.block_size} exceeds the model's "
+                          f"max_position_embeddings={config.block_size} ({cfg.init_from})")
+    if cfg.sample_tokens is not None and cfg.sample_tokens >= cfg.block_size:
+        raise ConfigError(f"--sample-tokens {cfg.sample_tokens} and the prompt do not fit the "
+                          f"block of {cfg.block_size} tokens; ask for fewer, or leave it unset "
+                          "(the rest of the block)")
+    return config
+
+
+def sample_length(cfg: TrainConfig, tokenizer: Tokenizer) -> int:
+    """How many tokens the final sample has: --sample-tokens, or by default the rest of the
+    training block after the prompt. The prompt must encode and leave room for them."""
+    if cfg.sample_tokens == 0:
+        return 0
+    try:
+        n = len(tokenizer.encode(cfg.prompt))
+    except ValueError as e:
+        raise ConfigError(f"--prompt {cfg.prompt!r}: {e}") from None
+    room = cfg.block_size - n
+    if room < 1:
+        raise ConfigError(f"--prompt is {n} tokens, which leaves no room in --block-size "
+                          f"{cfg.block_size}: shorten it (or --sample-tokens 0: no sample)")
+    if cfg.sample_tokens is not None and cfg.sample_tokens > room:
+        raise ConfigError(f"--sample-tokens {cfg.sample_tokens} and the prompt's {n} tokens "
+                          f"exceed --block-size {cfg.block_size}: ask for at most {room}, or "
+                          "leave it unset (the rest of the block)")
+    return room if cfg.sample_tokens is None else cfg.sample_tokens
+
+
+def check_writable(folder: Path) -> None:
+    """Make sure `folder` can take the checkpoint and the log before any work: create it and a
+    probe file, then remove both (and any parent made here), so a refusal leaves nothing."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--out-dir {folder} is not writable: {e.strerror or e}") from None
+    finally:
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop
 
 
 @torch.no_grad()
 def estimate_loss(model: LCKVModel, splits: dict, cfg: TrainConfig, device, ctx) -> dict:
-    """Mean loss over eval_iters batches per split, on the same batches every time (own seed)."""
+    """Mean loss over eval_iters batches per split, on the same batches every time (own seed).
+    Evaluates in eval mode (no dropout) and leaves the model in the mode it found it."""
+    was_training = model.training
     model.eval()
     out = {}
     for name, ids in splits.items():
@@ -171,7 +302,7 @@ def estimate_loss(model: LCKVModel, splits: dict, cfg: TrainConfig, device, ctx)
             with ctx:
                 losses.append(model(x, y, mode=cfg.mode)[1].item())
         out[name] = float(np.mean(losses))
-    model.train()
+    model.train(was_training)
     return out
 
 
@@ -189,16 +320,29 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, str]:
 
 
 def cut_log(path: Path, step: int) -> None:
-    """Drop the log records after `step`, so a resumed run logs no step twice."""
+    """Drop the log records after `step` (the checkpoint's), so that a resumed run logs every
+    step once and its log equals an uninterrupted run's. A line torn by a crash while it was
+    written (the last one) is dropped too."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append((json.loads(line)["step"], line))
+        except (ValueError, KeyError, TypeError):
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}, line {i + 1}, is not a log record: "
+                                 f"{line[:60]!r}") from None
+    keep = [line for s, line in records if s <= step]
     atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train as configured; returns a summary (losses, throughput, the sample, paths)."""
+    """Train as configured; returns a summary (losses, throughput, the sample, paths).
+    Bad settings raise ConfigError (or DataError, FileExistsError, FileNotFoundError) before
+    any file or folder is made."""
+    check_config(cfg)
     rank, world, device = setup_distributed(cfg)
     try:
         return train_loop(cfg, rank, world, device)
@@ -212,31 +356,32 @@ def train_loop(cfg: TrainConfig, rank: int, world: int, device: str) -> dict:
     device_type = "cuda" if device.startswith("cuda") else device
     out_dir = Path(cfg.out_dir)
     ckpt_path, log_path = out_dir / CHECKPOINT, out_dir / LOG
-    if cfg.mode not in ("parallel", "sequential"):
-        raise ValueError(f"mode must be 'parallel' or 'sequential', got {cfg.mode!r}")
-    if not cfg.resume and ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose "
-                              "another --out-dir (nothing was overwritten)")
+    if master:
+        check_writable(out_dir)
 
     # Data and tokenizer (a resumed run keeps the checkpoint's tokenizer)
     text = read_text(cfg.data) if cfg.data else shakespeare_path(cfg.cache_dir).read_text("utf-8")
     ckpt = load_checkpoint(ckpt_path, device) if cfg.resume else None
+    if ckpt and ckpt["step"] >= cfg.max_iters:
+        raise ConfigError(f"{ckpt_path} is at step {ckpt['step']} and --max-iters is "
+                          f"{cfg.max_iters}: nothing to train; raise --max-iters to continue")
     tokenizer = (Tokenizer.from_dict(ckpt["tokenizer"]) if ckpt
                  else load_tokenizer(cfg.init_from) if cfg.init_from
                  else Tokenizer.fit(cfg.tokenizer, text, compact=cfg.compact_vocab))
-    train_ids, val_ids = split(tokenize_cached(text, tokenizer, cfg.cache_dir))
-    for name, part in (("training", train_ids), ("validation", val_ids)):
-        if len(part) <= cfg.block_size:
-            raise DataError(f"the {name} split has {len(part)} tokens, not more than block_size="
-                            f"{cfg.block_size}: use a smaller --block-size or more data")
-
-    # Model and optimiser
     config = model_config(cfg, tokenizer.vocab_size)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
                          f"vocab_size is {config.vocab_size}")
     if ckpt:
         check_same_config(ckpt["model_config"], config.to_dict(), ckpt_path)
+    train_ids, val_ids = split(tokenize_cached(text, tokenizer, cfg.cache_dir))
+    for name, part in (("training", train_ids), ("validation", val_ids)):
+        if len(part) <= cfg.block_size:
+            raise DataError(f"the {name} split has {len(part)} tokens, not more than block_size="
+                            f"{cfg.block_size}: use a smaller --block-size or more data")
+    n_sample = sample_length(cfg, tokenizer)
+
+    # Model and optimiser
     torch.manual_seed(cfg.seed)
     model = (init_model(cfg.init_from, config, device) if cfg.init_from and not ckpt
              else LCKVModel(config).to(device))
@@ -247,13 +392,14 @@ def train_loop(cfg: TrainConfig, rank: int, world: int, device: str) -> dict:
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.95))
     data_gen = torch.Generator().manual_seed(cfg.seed)
-    step, best_val = 0, float("inf")
+    step, best_val, resumed_at = 0, float("inf"), None
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         data_gen.set_state(ckpt["rng"]["data"])
         set_rng_state(ckpt["rng"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        resumed_at = step  # the checkpoint was saved right after this step's evaluation
         if master:
             cut_log(log_path, step)
     raw_model = model  # saved and evaluated: the model before compile / DDP wrap it
@@ -291,8 +437,10 @@ def train_loop(cfg: TrainConfig, rank: int, world: int, device: str) -> dict:
     bar = tqdm(total=cfg.max_iters, initial=step, disable=not (master and cfg.progress),
                dynamic_ncols=True)
     while True:
-        # Evaluate and save every eval_interval steps and at the end (rank 0 only)
-        if master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
+        # Evaluate and save every eval_interval steps and at the end (rank 0 only); a resumed
+        # run does not repeat the evaluation its checkpoint was saved after (the log has it).
+        if (master and step != resumed_at
+                and (step % cfg.eval_interval == 0 or step == cfg.max_iters)):
             losses = estimate_loss(raw_model, splits, cfg, device, ctx)
             best_val = min(best_val, losses["val"])
             log({"step": step, "eval_train_loss": losses["train"], "val_loss": losses["val"]})
@@ -344,9 +492,9 @@ def train_loop(cfg: TrainConfig, rank: int, world: int, device: str) -> dict:
         summary.update(train_loss=losses["train"], val_loss=losses["val"])
         rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
         summary["tokens_per_s"] = float(np.median(rates)) if rates else None
-        if cfg.sample_tokens > 0:
+        if n_sample:
             summary["sample"] = sample_text(
-                raw_model, tokenizer, cfg.prompt, cfg.sample_tokens,
+                raw_model, tokenizer, cfg.prompt, n_sample,
                 Sampling(temperature=cfg.temperature, top_k=cfg.top_k), seed=cfg.seed)
             print(f"--- sample ---\n{summary['sample']}\n--------------")
     return summary
@@ -396,5 +544,5 @@ def parse_args(argv=None) -> TrainConfig:
 def main(argv=None) -> dict:
     try:
         return train(parse_args(argv))
-    except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (DataError, FileExistsError, FileNotFoundError, ImportError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
