@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import make_layer_types
-from ..data import shakespeare_path, split, tokenize_cached
+from ..data import get_batch, shakespeare_path, split, tokenize_cached
 from ..generate import GREEDY, generate
+from ..model import LCKVModel
 from ..pretrained import from_pretrained, load_tokenizer, read_hf_config
 from .common import machine, table
 
@@ -97,6 +98,87 @@ def run_conversion(args) -> dict:
             "windows": args.windows, "window_len": args.window_len}
 
 
+# App. C.1's three models: (name, layout, initialised from the pretrained weights?)
+RUNS = (("LCKV w=2, from the pretrained model", "lckv", True),
+        ("LCKV w=2, random init", "lckv", False),
+        ("standard, from the pretrained model", "standard", True))
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warmup to peak, cosine decay to peak / 10 at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    ratio = (step - warmup) / max(1, steps - 1 - warmup)
+    return peak / 10 + 0.5 * (1 + np.cos(np.pi * ratio)) * (peak - peak / 10)
+
+
+def train_one(folder, layout: str, pretrained: bool, train_ids, windows, args) -> dict:
+    """One run of App. C.1's recipe: AdamW (decay 0.1 on matrices), gradient clipped to 1, the
+    parallel computation with the paper's m=7, b=2, the same batches for every run (the data
+    generator's seed); the exact validation loss every eval_every steps. CPU seconds count the
+    training steps only."""
+    n_layer = read_hf_config(folder)["num_hidden_layers"]
+    layer_types = make_layer_types(layout, n_layer, warmup=2)
+    torch.manual_seed(args.seed)
+    model = from_pretrained(folder, layer_types, dtype=torch.float32)
+    if not pretrained:  # the same shape and tokenizer, fresh weights
+        with torch.device("meta"):
+            model = LCKVModel(model.config)
+        model = model.to_empty(device="cpu")
+        model.tie_weights()
+        model.init_weights()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    data = torch.Generator().manual_seed(args.seed)
+    history, train_losses, cpu, wall = [], [], 0.0, 0.0
+
+    def evaluate(step):
+        model.eval()
+        loss = exact_loss(model, windows)
+        model.train()
+        history.append({"step": step, "cpu_seconds": cpu, "wall_seconds": wall,
+                        "val_loss": loss})
+        print(f"  step {step:4d}  wall {wall:6.0f} s  exact val loss {loss:.4f}", flush=True)
+
+    model.train()
+    evaluate(0)
+    for step in range(args.steps):
+        t0, w0 = time.process_time(), time.perf_counter()
+        x, y = get_batch(train_ids, args.batch, args.seq_len, data)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        _, loss = model(x, y)  # parallel: m=7, b=2 from the config
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        cpu += time.process_time() - t0
+        wall += time.perf_counter() - w0
+        train_losses.append(loss.item())
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            evaluate(step + 1)
+    return {"layer_types": layer_types, "pretrained": pretrained, "history": history,
+            "train_losses": train_losses}
+
+
+def run_continued(args) -> dict:
+    train_ids, val_ids, _ = shakespeare_ids(args.model, args.cache_dir)
+    windows = validation_windows(val_ids, args.windows, args.window_len)
+    runs = {}
+    for name, layout, pretrained in RUNS:
+        print(name, flush=True)
+        runs[name] = train_one(args.model, layout, pretrained, train_ids, windows, args)
+    rows = [{"run": name, "start": r["history"][0]["val_loss"],
+             "end": r["history"][-1]["val_loss"], "wall_seconds": r["history"][-1]["wall_seconds"]}
+            for name, r in runs.items()]
+    table(rows, ["run", "start", "end", "wall_seconds"],
+          f"App. C.1 in miniature: exact validation loss before and after {args.steps} steps")
+    return {"runs": runs, "recipe": {k: getattr(args, k) for k in
+                                     ("steps", "batch", "seq_len", "lr", "warmup", "seed")}}
+
+
 def parse_args(name: str, argv):
     p = argparse.ArgumentParser(prog=f"python -m lckv_mini.bench {name}",
                                 description=__doc__.strip().splitlines()[0])
@@ -107,6 +189,14 @@ def parse_args(name: str, argv):
     p.add_argument("--window-len", type=int, default=256, help="tokens per window")
     p.add_argument("--prompt-tokens", type=int, default=24, help="conversion: prompt length")
     p.add_argument("--new-tokens", type=int, default=24, help="conversion: tokens generated")
+    p.add_argument("--steps", type=int, default=40, help="continued: optimiser steps per run")
+    p.add_argument("--batch", type=int, default=4, help="continued: rows per step")
+    p.add_argument("--seq-len", type=int, default=128, help="continued: tokens per row")
+    p.add_argument("--lr", type=float, default=2e-4, help="continued: peak learning rate")
+    p.add_argument("--warmup", type=int, default=4, help="continued: warmup steps")
+    p.add_argument("--eval-every", type=int, default=5, help="continued: steps between evals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", action="store_true", help="continued: write continued.png")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return p.parse_args(argv)
 
@@ -117,7 +207,7 @@ def main(name: str, argv) -> dict:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"conversion": run_conversion}[name](args)
+    result = {"conversion": run_conversion, "continued": run_continued}[name](args)
     result.update(bench=name, model=str(args.model), machine=machine(),
                   args=vars(args), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     source = Path(args.model) / "gguf_source.json"
@@ -126,4 +216,31 @@ def main(name: str, argv) -> dict:
     path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=1, default=str))
     print(f"-> {path}")
+    if name == "continued" and args.plot:
+        print(f"-> {plot_continued(result, out / 'continued.png')}")
     return result
+
+
+def plot_continued(result: dict, path: Path) -> Path:
+    """Exact validation loss against steps and against training seconds, one line per run."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for name, run in result["runs"].items():
+        h = run["history"]
+        style = dict(marker="o", markersize=3, label=name)
+        axes[0].plot([r["step"] for r in h], [r["val_loss"] for r in h], **style)
+        axes[1].plot([r["wall_seconds"] / 60 for r in h], [r["val_loss"] for r in h], **style)
+    axes[0].set_xlabel("optimiser step")
+    axes[1].set_xlabel("training time (minutes, 2-core CPU, evaluation excluded)")
+    axes[0].set_ylabel("exact validation loss (nats/token)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    model = Path(result["model"]).name
+    fig.suptitle(f"Continued training of {model} on tiny Shakespeare (paper App. C.1 in "
+                 "miniature)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
