@@ -36,6 +36,15 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
 def atomic_write(dest: Path, write) -> None:
     """Call write(file) on a temporary file beside dest, then rename it over dest: a reader sees
     the old file or the whole new one, never a part. The file and its folder are fsynced, so
@@ -44,6 +53,7 @@ def atomic_write(dest: Path, write) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's 0600 would hide the file from the group
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -113,3 +113,10 @@ def test_every_file_the_package_writes_goes_through_the_atomic_rename(tmp_path, 
     else:
         D.tokenize_cached("abc", D.Tokenizer("char", chars="abc"), tmp_path)
     assert [e[0] for e in events] == ["fsync file", "replace", "fsync folder"]
+
+
+def test_an_atomic_write_gets_the_permissions_a_plain_write_gets(tmp_path):
+    (tmp_path / "plain").write_bytes(b"x")
+    D.atomic_write_bytes(tmp_path / "atomic", b"x")
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("atomic") == mode("plain")
