@@ -232,15 +232,17 @@ def plot_continued(result: dict, path: Path) -> Path:
         axes[0].plot([r["step"] for r in h], [r["val_loss"] for r in h], **style)
         axes[1].plot([r["wall_seconds"] / 60 for r in h], [r["val_loss"] for r in h], **style)
     axes[0].set_xlabel("optimiser step")
-    axes[1].set_xlabel("training time (minutes, 2-core CPU, evaluation excluded)")
+    threads = result["args"].get("threads") or result["machine"]["threads"]
+    axes[1].set_xlabel(f"training time (minutes, {threads} CPU thread(s), evaluation excluded)")
     axes[0].set_ylabel("exact validation loss (nats/token)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
     model = Path(result["model"]).name
     fig.suptitle(f"Continued training of {model} on tiny Shakespeare (paper App. C.1 in "
                  "miniature)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
