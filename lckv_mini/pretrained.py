@@ -133,7 +133,7 @@ def from_hf_config(config: dict | str | os.PathLike,
     fields["n_kv_head"] = hf.get("num_key_value_heads") or fields["n_head"]
     fields["head_dim"] = hf.get("head_dim")  # None: hidden_size // num_attention_heads
     fields["rope_theta"] = rope_theta(hf)
-    return LCKVConfig(**fields, layer_types=layer_types, **overrides)
+    return LCKVConfig(**{**fields, **overrides}, layer_types=layer_types)  # overrides win
 
 
 def to_hf_config(config: LCKVConfig, dtype: torch.dtype = torch.float32) -> dict:

@@ -365,3 +365,10 @@ def test_lr_presets_and_explicit_values():
     assert (cfg.lr, cfg.min_lr, cfg.lr_warmup_iters) == (3e-5, 3e-6, 10)
     assert parse_args(["--init-from", "x", "--lr-preset", "scratch"]).lr == 2e-3
     assert parse_args([]).lr == 2e-3
+
+
+def test_an_override_of_a_field_the_folder_sets_wins(tmp_path):
+    folder = llama_folder(tmp_path / "llama")
+    assert from_hf_config(folder).block_size != 16
+    model = from_pretrained(folder, block_size=16, dropout=0.1)
+    assert model.config.block_size == 16 and model.config.dropout == 0.1
