@@ -59,14 +59,20 @@ def atomic_write(dest: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
-        folder = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        fsync_folder(dest.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the renames inside `folder` durable: a rename is an entry of the folder, which a
+    crash can lose until the folder itself is synced."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(dest: Path, data: bytes) -> None:

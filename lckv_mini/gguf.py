@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .data import atomic_write_bytes, sha256_of
+from .data import atomic_write_bytes, fsync_folder, sha256_of
 from .pretrained import from_hf_config, from_hf_state_dict, require, save_pretrained
 
 # Files whose contents are pinned: name -> sha256.
@@ -103,11 +103,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, sha256: str | None 
                           "bfloat16 weights"}
         atomic_write_bytes(tmp / SOURCE, (json.dumps(source, indent=2) + "\n").encode())
         os.replace(tmp, out)  # the folder appears complete or not at all
-        folder = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        fsync_folder(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

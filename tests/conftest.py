@@ -114,6 +114,20 @@ def configs(draw, families=FAMILIES, max_layers: int = 6, min_layers: int = 1, *
     return LCKVConfig(**fields)
 
 
+# A short play that the training tests write to a file and train on (character tokens).
+PLAY = "".join(f"{name}:\nThou art {word}, and I am {other}; {word} be the {other} of night.\n\n"
+               for name, word, other in [("ROMEO", "fair", "moon"), ("JULIET", "sweet", "star"),
+                                         ("NURSE", "old", "sun"), ("TYBALT", "proud", "sword")]
+               ) * 40
+
+
+@pytest.fixture
+def play(tmp_path):
+    path = tmp_path / "play.txt"
+    path.write_text(PLAY)
+    return path
+
+
 def random_model(config: LCKVConfig, seed: int, std: float = 0.3) -> LCKVModel:
     """A float64 model with every parameter (norms included) drawn at a scale where each layer
     visibly changes the result: small init would let a wrong mask hide under the tolerance."""

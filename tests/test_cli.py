@@ -12,23 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PLAY
 
 import lckv_mini.train as T
 from lckv_mini.config import LAYOUTS
 from lckv_mini.sample import main as sample_main
 
 ROOT = Path(__file__).resolve().parent.parent
-PLAY = "".join(f"{name}:\nThou art {word}, and I am {other}; {word} be the {other} of night.\n\n"
-               for name, word, other in [("ROMEO", "fair", "moon"), ("JULIET", "sweet", "star"),
-                                         ("NURSE", "old", "sun"), ("TYBALT", "proud", "sword")]
-               ) * 40
-
-
-@pytest.fixture
-def play(tmp_path):
-    path = tmp_path / "play.txt"
-    path.write_text(PLAY)
-    return path
 
 
 def flags(tmp_path, play, *extra):

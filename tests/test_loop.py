@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_model
 from test_pretrained import TEXT, bpe_tokenizer_json, init_from_args, llama_folder
-from test_train import play, smoke, steps  # noqa: F401  (play is a fixture)
+from test_train import smoke, steps
 
 from lckv_mini import data as D
 from lckv_mini.checkpoint import load_checkpoint, load_model, save_checkpoint
@@ -39,7 +39,7 @@ def hand_loss(model, ids, cfg) -> float:
     return float(np.mean(losses))
 
 
-def test_the_trainer_takes_the_steps_a_hand_written_loop_takes(tmp_path, play):  # noqa: F811
+def test_the_trainer_takes_the_steps_a_hand_written_loop_takes(tmp_path, play):
     # grad_clip small enough to clip every step, weight decay large enough to show on any
     # parameter it touches
     cfg = smoke(tmp_path, play, max_iters=4, eval_interval=4, eval_iters=3, sample_tokens=0,

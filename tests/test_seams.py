@@ -44,7 +44,8 @@ def test_cuda_and_mps_random_states_are_saved_and_restored(monkeypatch):
 
 
 def test_the_trainer_restores_the_saved_random_state_on_resume(tmp_path, monkeypatch):
-    from test_train import PLAY, smoke
+    from conftest import PLAY
+    from test_train import smoke
 
     from lckv_mini import train as T
     (tmp_path / "play.txt").write_text(PLAY)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PLAY
 
 from lckv_mini import data as D
 from lckv_mini.checkpoint import load_checkpoint, load_model, save_checkpoint
@@ -17,17 +18,6 @@ from lckv_mini.sample import main as sample_main
 from lckv_mini.train import SMOKE, TrainConfig, lr_at, parse_args, train
 
 ROOT = Path(__file__).resolve().parent.parent
-PLAY = "".join(f"{name}:\nThou art {word}, and I am {other}; {word} be the {other} of night.\n\n"
-               for name, word, other in [("ROMEO", "fair", "moon"), ("JULIET", "sweet", "star"),
-                                         ("NURSE", "old", "sun"), ("TYBALT", "proud", "sword")]
-               ) * 40
-
-
-@pytest.fixture
-def play(tmp_path):
-    path = tmp_path / "play.txt"
-    path.write_text(PLAY)
-    return path
 
 
 def smoke(tmp_path, data, **kw):
