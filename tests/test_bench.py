@@ -21,7 +21,7 @@ from lckv_mini.model import LCKVModel
 TINY = ["--shape", "tiny", "--shapes", "tiny", "llama-7b", "--cpu-budget-gib", "0.0005",
         "--prompt-len", "4", "--gen-len", "6", "--reps", "1", "--prompt-lens", "4", "6",
         "--train-len", "8", "--seq-train-len", "3", "--windows", "4", "6", "--stream-len", "12",
-        "--max-batch-cap", "4", "--layout-layers", "4", "--layout-kv", "2", "1",
+        "--max-batch-cap", "4", "--layout-layers", "6", "--layout-kv", "3", "1",
         "--layout-prompt-len", "8", "--sliding-window", "3"]
 
 
@@ -58,17 +58,18 @@ def test_the_layouts_benchmark_sets_the_families_side_by_side(results):
     _, res, _ = results
     rows = res["layouts"]["rows"]
     for part in ("train", "prefill"):
-        for k in (2, 1):
+        for k in (3, 1):
             got = {r["family"]: r for r in rows if r["part"] == part and r["kv_layers"] == k
                    or r["part"] == part and r["family"] == "standard"}
             assert set(got) == {"standard", *(f"{p}-{t}" for p in ("pizza", "sandwich", "lasagna")
                                               for t in ("bottom", "middle", "top"))}
             assert got["standard"]["time_ratio"] == got["standard"]["flop_ratio"] == 1.0
             assert got["pizza-top"]["flop_ratio"] > 1  # it iterates
-    # 2 KV layers of 4: lasagna blocks of two, whose middle is the top: one layout, timed once
+    # 3 KV layers of 6 (a depth other than the tiny shape's 4): lasagna blocks of two, whose
+    # middle is the top: one layout, timed once
     middle = next(r for r in rows if r["part"] == "train" and r["family"] == "lasagna-middle"
-                  and r["kv_layers"] == 2)
-    assert middle["layer_types"] == "1_1_3_3" and "lasagna-top" in middle["same_as"]
+                  and r["kv_layers"] == 3)
+    assert middle["layer_types"] == "1_1_3_3_5_5" and "lasagna-top" in middle["same_as"]
     fast = {r["family"]: r for r in rows if r["part"] == "fast prefill"}
     assert set(fast) == {"yoco", "gemma"}
     assert fast["yoco"]["skipped_share"] == 0.5 and fast["yoco"]["flop_ratio"] < 1

@@ -51,8 +51,9 @@ def interleaved(fns: dict, device, reps: int) -> dict:
 
 def bench_layouts(args) -> dict:
     L, P, T, B = args.layout_layers, args.layout_prompt_len, args.train_len, args.train_batch
-    shape = replace(SHAPES[args.shape], n_layer=L, sliding_window=args.sliding_window,
-                    block_size=max(T, P))
+    # layer_types=None: the shape's stored layout describes its own depth, not L
+    shape = replace(SHAPES[args.shape], n_layer=L, layer_types=None,
+                    sliding_window=args.sliding_window, block_size=max(T, P))
     m, b = shape.forward_passes, shape.backward_passes
     device, dtype = args.device, dtype_of(args.dtype)
     torch.manual_seed(0)
