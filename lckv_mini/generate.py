@@ -14,6 +14,7 @@ alone.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -263,12 +264,103 @@ def decode_one_token(model: LCKVModel, token: Tensor, cache: KVCache) -> Tensor:
     return model.head(model.step(model.embed(token), cache))[:, -1]
 
 
+# ----------------------------------------------------------------------------------------------
+# Compiled decoding (gpt-fast's recipe): static shapes, so torch.compile builds one graph for a
+# (model, batch, capacity) and every position reuses it. `decode_one_token` stays the reference.
+
+
+class CacheSlot:
+    """A KVCache as the compiled decode step sees it: the new token's KVs land at slot `pos`, a
+    (1,) tensor (a number would be baked into the graph), and a read returns a layer's whole
+    preallocated buffer. The slots past the query's position hold zeros or stale KVs; the causal
+    mask in `attention` hides them, which is what makes the shapes static."""
+
+    def __init__(self, cache: KVCache, pos: Tensor):
+        self.cache, self.seq_len, self.pad = cache, pos, cache.pad
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        self.cache.k[layer].index_copy_(2, self.seq_len, k)
+        self.cache.v[layer].index_copy_(2, self.seq_len, v)
+
+    def read(self, layer: int) -> tuple[Tensor, Tensor]:
+        return self.cache.k[layer], self.cache.v[layer]
+
+
+def decode_static(model: LCKVModel, token: Tensor, cache: KVCache, pos: Tensor) -> Tensor:
+    """`decode_one_token` with static shapes, for torch.compile: the token at position pos."""
+    return model.head(model.step(model.embed(token), CacheSlot(cache, pos)))[:, -1]
+
+
+_compiled_decode: dict = {}  # backend -> the compiled decode_static
+
+
+def why_inductor_fails(device) -> str | None:
+    """None if torch.compile's default backend builds and runs code on `device` here, else why
+    not (inductor needs a C++ compiler on CPU, Triton on GPU): found by compiling a one-line
+    function, uncached, so that a run can choose eager before its first step, not crash in it."""
+    import torch._inductor.config  # noqa: F401 (loaded on first use)
+
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            torch.compile(lambda t: t * 2 + 1)(torch.ones(4, device=device))
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        cause = getattr(e, "inner_exception", None) or e
+        return f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
+    return None
+
+
+def compiled_capacity(needed: int, block_size: int) -> int:
+    """The cache capacity compiled decoding allocates: the next power of two (at most
+    block_size), so that a handful of graphs serve generations of every length."""
+    return min(block_size, 1 << max(needed - 1, 0).bit_length())
+
+
+class CompiledDecoder:
+    """Decode steps through torch.compile (fullgraph: a graph break is an error), with the
+    given backend ("inductor" generates C++ or GPU kernels; "aot_eager" only traces; None runs
+    `decode_static` uncompiled: what the compiler is given, for the tests).
+
+    Where the backend cannot build the step (inductor without a C++ compiler, for one), it warns
+    once and decodes eagerly: a failed compile happens before the step runs, and the eager step
+    rewrites the same slot, so nothing is lost."""
+
+    def __init__(self, backend: str | None = "inductor"):
+        if backend is None:
+            self.step, self.failed = decode_static, False
+            return
+        if backend not in _compiled_decode:  # one wrapper per backend, reused by every call
+            _compiled_decode[backend] = torch.compile(decode_static, backend=backend,
+                                                      fullgraph=True, dynamic=False)
+        self.step, self.failed = _compiled_decode[backend], False
+
+    @torch.no_grad()
+    def __call__(self, model: LCKVModel, token: Tensor, cache: KVCache) -> Tensor:
+        if self.failed:
+            return decode_one_token(model, token, cache)
+        start = cache.seq_len
+        pos = torch.tensor([start], device=token.device)
+        try:
+            logits = self.step(model, token, cache, pos)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            self.failed = True
+            cause = getattr(e, "inner_exception", None) or e
+            why = (str(cause).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"compile=True: torch.compile could not build the decode step on this "
+                          f"machine ({type(cause).__name__}: {why}); decoding eagerly instead",
+                          stacklevel=3)
+            return decode_one_token(model, token, cache)
+        for j in cache.layers:
+            cache.length[j] = start + 1
+        return logits
+
+
 @torch.no_grad()
 def generate_stream(model: LCKVModel, prompts, max_new_tokens: int, *,
                     sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
                     prefill: str = "parallel", stop_tokens=None, sink_size: int | None = None,
                     window_size: int | None = None, tol: float = ADAPTIVE_TOL,
-                    cache: KVCache | None = None, fast_prefill: bool = True):
+                    cache: KVCache | None = None, fast_prefill: bool = True,
+                    compile: bool | str = False):
     """Yield (next tokens (B, 1), the logits they were sampled from (B, V)) one step at a time.
     See `generate` for the arguments. `cache`: a KVCache to fill (it is reset first) instead of
     a new one, to reuse its buffers or to watch it; its capacity must fit the generation."""
@@ -302,6 +394,8 @@ def generate_stream(model: LCKVModel, prompts, max_new_tokens: int, *,
                              "to stream past it")
     stop = torch.tensor(sorted(set(stop_tokens or ())), dtype=idx.dtype, device=idx.device)
     if cache is None:
+        if compile and not streaming:  # a few capacities, so a few graphs
+            capacity = compiled_capacity(capacity, c.block_size)
         cache = KVCache(c, B, capacity, dtype=param.dtype, device=param.device,
                         sink_size=sink_size if streaming else None, pad=pad)
     else:
@@ -312,6 +406,9 @@ def generate_stream(model: LCKVModel, prompts, max_new_tokens: int, *,
                              f"{B}, {capacity} tokens, sink_size {sink_size})")
         cache.reset(pad=pad)
     capacity = cache.capacity
+    step = decode_one_token
+    if compile:
+        step = CompiledDecoder("inductor" if compile is True else compile)
     logits, _ = encode_prompt(model, idx, cache, prefill, tol, fast_prefill)
     done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
     token = idx[:, -1:]
@@ -326,7 +423,7 @@ def generate_stream(model: LCKVModel, prompts, max_new_tokens: int, *,
         if cache.seq_len == capacity:  # streaming: make room for one more token
             cos, sin = model.rope(1, 1, param.dtype, param.device)
             cache.evict(1, cos[0], sin[0])
-        logits = decode_one_token(model, token, cache)
+        logits = step(model, token, cache)
 
 
 @torch.no_grad()
@@ -334,7 +431,8 @@ def generate(model: LCKVModel, prompts, max_new_tokens: int, *,
              sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
              prefill: str = "parallel", stop_tokens=None, sink_size: int | None = None,
              window_size: int | None = None, tol: float = ADAPTIVE_TOL,
-             cache: KVCache | None = None, fast_prefill: bool = True):
+             cache: KVCache | None = None, fast_prefill: bool = True,
+             compile: bool | str = False):
     """Continue the prompts by up to max_new_tokens tokens.
 
     prompts: a (B, P) tensor, or a list of token sequences of any lengths (padded on the left,
@@ -345,6 +443,9 @@ def generate(model: LCKVModel, prompts, max_new_tokens: int, *,
     token while the other rows go on); generation ends when every row has stopped. With
     sink_size and window_size the cache streams (StreamingLLM): it keeps the first sink_size
     tokens and the latest ones, so memory is flat and generation may run past block_size.
+    compile: True (inductor) or a torch.compile backend's name: decode through torch.compile
+    (`CompiledDecoder`; the first call for a model, batch and cache size compiles, seconds to
+    minutes; greedy tokens are the eager ones).
     The model runs in eval mode (no dropout) and gets its mode back afterwards.
     Returns (B, P + n) tokens for a tensor, or a list of 1-D tensors (each prompt and its
     continuation) for a list.
@@ -355,7 +456,8 @@ def generate(model: LCKVModel, prompts, max_new_tokens: int, *,
         new = [t for t, _ in generate_stream(
             model, prompts, max_new_tokens, sampling=sampling, generator=generator,
             prefill=prefill, stop_tokens=stop_tokens, sink_size=sink_size,
-            window_size=window_size, tol=tol, cache=cache, fast_prefill=fast_prefill)]
+            window_size=window_size, tol=tol, cache=cache, fast_prefill=fast_prefill,
+            compile=compile)]
     finally:
         model.train(was_training)
     if isinstance(prompts, Tensor):

@@ -39,8 +39,10 @@ def visible_keys(q_start: int, Tq: int, Tk: int, mask_diagonal: bool,
 
     Causal (j <= p), strictly so when the diagonal is masked (j < p: a layer reading from above
     never sees its own token's KV), and within the last `window` positions if windowed.
+    q_start: an int, or a (1,) tensor (compiled decoding: the position is data, so one graph
+    serves every position).
     """
-    q_pos = torch.arange(q_start, q_start + Tq, device=device)[:, None]
+    q_pos = q_start + torch.arange(Tq, device=device)[:, None]
     k_pos = torch.arange(Tk, device=device)[None, :]
     allowed = k_pos < q_pos if mask_diagonal else k_pos <= q_pos
     if window is not None:
@@ -57,13 +59,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, q_start: int, mask_diagonal: b
     and only p - p' < window with a sliding window. pad (B,): row b's first pad[b] positions are
     left padding, invisible as keys. The one rule for a query that sees no key (token 0 with the
     diagonal masked, or a padding position): its output is exactly zero, never NaN.
+    q_start may be a (1,) tensor: the compiled decode step attends over the whole preallocated
+    cache, whose slots past the query's position the causal mask hides (as in gpt-fast).
     """
     B, nh, Tq, hs = q.shape
     Tk = k.size(2)
     gqa = nh != k.size(1)
     if Tk == 0:
         return q.new_zeros(B, nh, Tq, hs)
-    if pad is None and window is None and q_start == 0 and Tq == Tk:  # training and prefill
+    short_cut = pad is None and window is None and isinstance(q_start, int)  # a known position
+    if short_cut and q_start == 0 and Tq == Tk:  # training and prefill
         if not mask_diagonal:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         # Diagonal masked: query t sees keys 0..t-1, which is an ordinary causal mask between
@@ -71,7 +76,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, q_start: int, mask_diagonal: b
         out = F.scaled_dot_product_attention(q[:, :, 1:], k[:, :, :-1], v[:, :, :-1],
                                              is_causal=True, enable_gqa=gqa)
         return torch.cat([q.new_zeros(B, nh, 1, hs), out], dim=2)
-    if pad is None and window is None and Tq == 1 and Tk == q_start + (not mask_diagonal):
+    if short_cut and Tq == 1 and Tk == q_start + (not mask_diagonal):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # decoding: sees all
     allowed = visible_keys(q_start, Tq, Tk, mask_diagonal, window, q.device)  # (Tq, Tk)
     if pad is not None:
@@ -290,14 +295,18 @@ class LCKVModel(nn.Module):
 
     # -- the pieces every computation is made of ----------------------------------------------
 
-    def rope(self, start: int, length: int, dtype, device) -> tuple[Tensor, Tensor]:
-        """cos, sin (length, head_dim) of positions start..start+length-1."""
+    def rope(self, start: int | Tensor, length: int, dtype, device) -> tuple[Tensor, Tensor]:
+        """cos, sin (length, head_dim) of positions start..start+length-1 (start: an int, or a
+        (1,) tensor in the compiled decode step)."""
         key = (dtype, str(device))
         if key not in self._rope:
             cos, sin = rope_tables(self.config.head_dim, self.config.block_size,
                                    self.config.rope_theta)
             self._rope[key] = (cos.to(device, dtype), sin.to(device, dtype))
         cos, sin = self._rope[key]
+        if isinstance(start, Tensor):  # gathered, not sliced: a slice would fix the position
+            pos = start + torch.arange(length, device=cos.device)
+            return cos[pos], sin[pos]
         return cos[start:start + length], sin[start:start + length]
 
     def embed(self, idx: Tensor) -> Tensor:

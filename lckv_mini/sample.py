@@ -25,9 +25,10 @@ DEFAULT_SAMPLING = Sampling(temperature=0.8, top_k=50)
 def sample_text(model: LCKVModel, tokenizer: Tokenizer, prompt: str,
                 max_new_tokens: int | None = None, sampling: Sampling = DEFAULT_SAMPLING, *,
                 seed: int = 0, prefill: str = "parallel", sink_size: int | None = None,
-                window_size: int | None = None) -> str:
+                window_size: int | None = None, compile: bool = False) -> str:
     """Continue `prompt` with the decoder and return the text (prompt included).
 
+    compile: decode through torch.compile (see `generate`).
     max_new_tokens: None fills the rest of the block (not streaming). Without streaming, more
     than the block holds raises ValueError (from `generate`), as does a streaming call without
     max_new_tokens."""
@@ -39,7 +40,7 @@ def sample_text(model: LCKVModel, tokenizer: Tokenizer, prompt: str,
         max_new_tokens = model.config.block_size - idx.size(1)
     g = torch.Generator(device=device).manual_seed(seed)
     out = generate(model, idx, max_new_tokens, sampling=sampling, generator=g, prefill=prefill,
-                   sink_size=sink_size, window_size=window_size)
+                   sink_size=sink_size, window_size=window_size, compile=compile)
     return tokenizer.decode(out[0].tolist())
 
 
@@ -105,6 +106,8 @@ def main(argv=None) -> list[str]:
     p.add_argument("--sink-size", type=int, default=None, help="streaming: first tokens kept")
     p.add_argument("--window-size", type=int, default=None, help="streaming: latest tokens kept")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="decode through torch.compile: the "
+                   "first sample compiles (seconds to minutes), the rest are faster")
     args = p.parse_args(argv)
     try:
         check_args(args)
@@ -120,7 +123,7 @@ def main(argv=None) -> list[str]:
                 model, tokenizer, args.prompt, args.max_new_tokens,
                 Sampling(args.temperature, args.top_k, args.top_p), seed=args.seed + i,
                 prefill=args.prefill,
-                sink_size=args.sink_size, window_size=args.window_size))
+                sink_size=args.sink_size, window_size=args.window_size, compile=args.compile))
             print(texts[-1] + ("\n---------------" if args.num_samples > 1 else ""))
     except (DataError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -15,6 +15,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -44,7 +45,7 @@ from .data import (
     split,
     tokenize_cached,
 )
-from .generate import Sampling
+from .generate import Sampling, why_inductor_fails
 from .model import LCKVModel
 from .pretrained import check_init_folder, init_config, init_model, load_tokenizer
 from .sample import sample_text
@@ -404,7 +405,12 @@ def train_loop(cfg: TrainConfig, rank: int, world: int, device: str) -> dict:
             cut_log(log_path, step)
     raw_model = model  # saved and evaluated: the model before compile / DDP wrap it
     if cfg.compile:
-        model = torch.compile(model)
+        why = why_inductor_fails(device)
+        if why is None:
+            model = torch.compile(model)
+        elif master:
+            warnings.warn(f"--compile: torch.compile cannot build code on this machine ({why}); "
+                          "training eagerly instead", stacklevel=2)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model)
     ctx = (torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda"

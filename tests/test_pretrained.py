@@ -372,3 +372,16 @@ def test_an_override_of_a_field_the_folder_sets_wins(tmp_path):
     assert from_hf_config(folder).block_size != 16
     model = from_pretrained(folder, block_size=16, dropout=0.1)
     assert model.config.block_size == 16 and model.config.dropout == 0.1
+
+
+def test_the_compiled_benchmark_sets_transformers_generate_beside_ours(tmp_path):
+    """bench compiled --model: the same greedy tokens from transformers' generate and ours
+    (eager and compiled; the tracing backend here, inductor in the benchmark)."""
+    from lckv_mini.bench.compiled import bench_transformers
+
+    res = bench_transformers(str(llama_folder(tmp_path)), "cpu", G=6, batches=(1, 2), reps=1,
+                             backend="aot_eager")
+    assert [r["batch"] for r in res["rows"]] == [1, 2]
+    for r in res["rows"]:
+        assert r["eager_same_tokens"] and r["compiled_same_tokens"]
+        assert r["transformers_tokens_per_s"] > 0 and r["compiled_vs_transformers"] > 0

@@ -11,15 +11,16 @@ from pathlib import Path
 
 from . import gpu_check, realmodel
 from .common import SHAPES, machine
+from .compiled import bench_compiled
 from .layouts import bench_layouts
 from .memory import bench_memory
-from .plots import plot
+from .plots import PLOTS, plot
 from .throughput import bench_prefill, bench_streaming, bench_throughput
 from .training import bench_passes, bench_train
 
 BENCHES = {"memory": bench_memory, "throughput": bench_throughput, "prefill": bench_prefill,
            "train": bench_train, "passes": bench_passes, "streaming": bench_streaming,
-           "layouts": bench_layouts}
+           "layouts": bench_layouts, "compiled": bench_compiled}
 
 
 def parse_args(argv=None):
@@ -55,6 +56,15 @@ def parse_args(argv=None):
                    help="prompt length of the layouts benchmark's prompt encoding")
     p.add_argument("--sliding-window", type=int, default=128, help="window of YOCO's and "
                    "Gemma's sliding layers in the layouts benchmark")
+    p.add_argument("--compile-steps", type=int, default=12,
+                   help="compiled: training steps timed per model, eager and compiled")
+    p.add_argument("--decode-len", type=int, default=128, help="compiled: tokens decoded")
+    p.add_argument("--compile-backend", default="inductor", help="compiled: torch.compile's "
+                   "backend (aot_eager traces without generating code: the tests use it)")
+    p.add_argument("--model", default=None, help="compiled: a Hugging Face Llama folder, to "
+                   "compare with transformers' generate (needs transformers)")
+    p.add_argument("--hf-new-tokens", type=int, default=32, help="compiled: tokens generated "
+                   "in the transformers comparison")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default="bench_results", help="folder for JSON and PNGs")
     p.add_argument("--plot", action="store_true")
@@ -70,7 +80,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = list(BENCHES) if args.bench == "all" else [args.bench]
+    # "all" leaves out `compiled`, which compiles for minutes (run it on its own)
+    names = [n for n in BENCHES if n != "compiled"] if args.bench == "all" else [args.bench]
     results = {}
     for name in names:
         result = BENCHES[name](args)
@@ -79,7 +90,7 @@ def main(argv=None) -> dict:
                       time=time.strftime("%Y-%m-%dT%H:%M:%S"))
         path = out_dir / f"{name}.json"
         path.write_text(json.dumps(result, indent=1, default=str))
-        if args.plot:
+        if args.plot and name in PLOTS:
             result["plot"] = str(plot(name, result, out_dir))
         results[name] = result
         print(f"-> {path}" + (f", {result['plot']}" if args.plot else ""))

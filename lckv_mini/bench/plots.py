@@ -31,12 +31,7 @@ PLOTS = {
     "passes": dict(title="Passes without their wasted work: step time after / before",
                    ylabel="after / before",
                    series=lambda rows: ratio_bars(rows, lambda r: f"{r['n_layer']} layers")),
-    "layouts": dict(title="The study's families: training step time relative to standard",
-                    ylabel="step time / standard",
-                    rotate=True,
-                    series=lambda rows: ratio_bars(
-                        [r for r in rows if r["part"] == "train"],
-                        lambda r: f"{r['family']}, {r['kv_layers']} KV")),
+    "layouts": dict(draw=lambda result, out_dir: plot_layouts(result, out_dir)),
     "streaming": dict(title="Streaming decode latency against cache size (Fig. 5)",
                       lines="model", x="cache_tokens", y="ms_per_token",
                       xlabel="cache size (tokens)", ylabel="ms per generated token"),
@@ -49,6 +44,8 @@ def plot(name: str, result: dict, out_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     spec, rows = PLOTS[name], result["rows"]
+    if "draw" in spec:
+        return spec["draw"](result, out_dir)
     fig, ax = plt.subplots(figsize=(6, 4))
     if "lines" in spec:
         for key in dict.fromkeys(r[spec["lines"]] for r in rows):
@@ -80,3 +77,51 @@ def plot(name: str, result: dict, out_dir: Path) -> Path:
     plt.close(fig)
     return path
 
+
+
+def plot_layouts(result: dict, out_dir: Path) -> Path:
+    """The nine families, one panel per (part, cache size): bars of the measured time relative
+    to standard, grouped by partition, with the FLOP count's prediction as a black tick."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in result["rows"] if r["part"] in ("train", "prefill")
+            and r["family"] != "standard"]
+    sizes = sorted({r["kv_layers"] for r in rows}, reverse=True)
+    parts = {"train": "training step (m=7, b=2)", "prefill": "prompt encoding"}
+    n_layer = max(r["kv_layers"] for r in result["rows"] if r.get("family") == "standard")
+    positions = ("bottom", "middle", "top")
+    fig, axes = plt.subplots(len(parts), len(sizes), figsize=(4.2 * len(sizes), 6.4),
+                             sharey="row", squeeze=False)
+    for (part, label), ax_row in zip(parts.items(), axes):
+        for k, ax in zip(sizes, ax_row):
+            for j, partition in enumerate(("pizza", "sandwich", "lasagna")):
+                for i, pos in enumerate(positions):
+                    r = next((r for r in rows if r["part"] == part and r["kv_layers"] == k
+                              and r["family"] == f"{partition}-{pos}"), None)
+                    if r is None:
+                        continue
+                    x = 4 * j + i
+                    ax.bar(x, r["time_ratio"], 0.8, color=f"C{i}",
+                           hatch="//" if r.get("same_as") else None,
+                           label=pos if j == 0 else None)
+                    ax.plot([x - 0.4, x + 0.4], [r["flop_ratio"]] * 2, color="black", lw=2,
+                            label="FLOP prediction" if (j, i) == (0, 0) else None)
+            ax.axhline(1.0, color="0.4", ls="--", lw=1, label="standard (1.0)")
+            ax.set_xticks([1, 5, 9], ["pizza", "sandwich", "lasagna"])
+            ax.set_axisbelow(True)
+            ax.grid(axis="y", alpha=0.3)
+            ax.set_title(f"{label}, {k} of {n_layer} layers cache KVs", fontsize=10)
+        ax_row[0].set_ylabel("time / standard's time")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, [f"KV target: {t}" if t in positions else t for t in labels],
+               loc="lower center", ncol=5, fontsize=8, frameon=False)
+    m = result["machine"]
+    fig.suptitle(f"The follow-up study's nine families against the standard model\n"
+                 f"{result['device']}, {m['cpu_count']} cores, torch {m['torch']}; hatched: "
+                 "the same layout as another family", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path = out_dir / "layouts.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,201 @@
+"""Compiled decoding (issue 18): the static-shape decode step equals the eager one, compiles
+without graph breaks, compiles once for every position, and falls back when it cannot compile.
+
+The exactness of the static step (the whole preallocated cache behind a position mask, the RoPE
+angle gathered by a position tensor, stale slots from an earlier generation) is checked
+uncompiled in float64 over random layouts; torch.compile itself is checked with the tracing-only
+backend on every family and once with inductor, on tiny models (compiling is slow here)."""
+
+import importlib
+import warnings
+
+import pytest
+import torch
+import torch._inductor.config
+from conftest import configs, random_model, random_tokens, record, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lckv_mini.config import LCKVConfig, gemma_layers, make_layer_types
+from lckv_mini.generate import (
+    GREEDY,
+    CompiledDecoder,
+    KVCache,
+    compiled_capacity,
+    generate,
+    generate_stream,
+)
+from lckv_mini.model import LCKVModel
+
+gen = importlib.import_module("lckv_mini.generate")  # the module (the package exports the function)
+
+
+def stream(model, prompts, n_new, decoder=None, **kw):
+    """generate_stream's (token, logits) steps, each decode step made by `decoder` (default:
+    the eager `decode_one_token`)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if decoder is not None:
+            mp.setattr(gen, "decode_one_token", decoder)
+        return list(generate_stream(model, prompts, n_new, sampling=GREEDY, **kw))
+
+
+@given(config=configs(block_size=40), P=st.integers(1, 8), n_new=st.integers(2, 10),
+       how=st.sampled_from(["stale", "ragged", "streaming", "plain"]), seed=st.integers(0, 2**16))
+@settings(max_examples=40)
+def test_the_static_step_equals_the_eager_step(config, P, n_new, how, seed):
+    """Float64, uncompiled: what the compiler is given computes what the eager decoder does."""
+    record("static_step", config, P + n_new, how=how)
+    model = random_model(config, seed)
+    prompts = random_tokens(config, 2, P, seed)
+    kw = {}
+    if how == "stale":  # a reused cache whose slots past the position hold an older generation
+        kw["cache"] = KVCache(config, 2, 40, dtype=torch.float64)
+        stream(model, random_tokens(config, 2, 30, seed + 1), 10, cache=kw["cache"])
+    elif how == "ragged":
+        prompts = [prompts[0, :P].tolist(), prompts[1, :max(1, P // 2)].tolist()]
+    elif how == "streaming":  # the cache fills, then evicts one token a step
+        kw.update(sink_size=1, window_size=max(P, 3))
+    eager = stream(model, prompts, n_new, **kw)
+    static = stream(model, prompts, n_new, CompiledDecoder(backend=None), **kw)
+    for (t1, l1), (t2, l2) in zip(eager, static, strict=True):
+        assert rel_err(l2, l1) <= 1e-12
+        assert torch.equal(t1, t2)
+
+
+def family_models():
+    """One seeded float32 model of every layout family, 4 layers, GQA, a window of 4."""
+    shape = dict(vocab_size=48, n_layer=4, n_head=4, n_kv_head=2, n_embd=32,
+                 intermediate_size=48, block_size=64, sliding_window=4)
+    layouts = {"lckv w=2": make_layer_types("lckv", 4, warmup=2),  # upward reads, one group
+               "standard": make_layer_types("standard", 4),
+               "cla": make_layer_types("cla", 4, group=2),
+               "yoco": make_layer_types("yoco", 4),  # windowed, then downward reads
+               "gemma": gemma_layers(4, 2, 2),  # sliding and full, each shared downward
+               "lasagna-top": make_layer_types("lasagna-top", 4, n_kv_layers=2),  # two groups
+               "sandwich-middle": make_layer_types("sandwich-middle", 4, n_kv_layers=2)}
+    for name, lt in layouts.items():
+        torch.manual_seed(len(name))
+        yield name, LCKVModel(LCKVConfig(**shape, layer_types=lt)).eval()
+
+
+def test_compiled_decoding_gives_the_eager_tokens_on_every_family():
+    """torch.compile (tracing backend, fullgraph: a graph break would raise) gives the eager
+    greedy tokens for each family, and for LCKV ragged and streaming too; after the first
+    generation no position or prompt recompiles."""
+    idx = torch.randint(48, (2, 5), generator=torch.Generator().manual_seed(0))
+    ragged = [idx[0].tolist(), idx[1, 2:].tolist()]
+    for name, model in family_models():
+        torch.compiler.reset()  # dynamo keeps at most 8 graphs per function: one family each
+        cases = [(idx, {})]
+        if name == "lckv w=2":
+            cases += [(ragged, {}), (idx, dict(sink_size=2, window_size=8))]
+        for prompts, kw in cases:
+            eager = generate(model, prompts, 27, sampling=GREEDY, **kw)
+            # the first run compiles (a cache of 32 slots, positions up to 16); the second must
+            # reuse its graph at every position, the new ones 17-31 included
+            generate(model, prompts, 12, sampling=GREEDY, compile="aot_eager", **kw)
+            with torch.compiler.set_stance("fail_on_recompile"):
+                compiled = generate(model, prompts, 27, sampling=GREEDY, compile="aot_eager", **kw)
+            same = (torch.equal(eager, compiled) if isinstance(eager, torch.Tensor)
+                    else all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True)))
+            assert same, f"{name} {kw or type(prompts).__name__}: compiled tokens differ"
+
+
+def test_inductor_compiles_the_decode_step():
+    """The real path, once: inductor's kernels give the eager greedy tokens, without a warning."""
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    config = LCKVConfig(vocab_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=16,
+                        intermediate_size=32, block_size=32, layer_types="1_1")
+    model = LCKVModel(config).eval()
+    idx = torch.randint(32, (1, 4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = generate(model, idx, 10, sampling=GREEDY, compile=True)
+    assert not [w for w in caught if "decoding eagerly" in str(w.message)]
+    assert torch.equal(compiled, generate(model, idx, 10, sampling=GREEDY))
+
+
+# inductor's settings as a platform without a C++ compiler has them (and no cached kernels)
+NO_CXX = {"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}
+
+
+def test_without_a_cxx_compiler_decoding_falls_back_with_one_warning():
+    torch.compiler.reset()
+    torch.manual_seed(1)
+    config = LCKVConfig(vocab_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=16,
+                        intermediate_size=32, block_size=32, layer_types="1_1")
+    model = LCKVModel(config).eval()
+    idx = torch.randint(32, (1, 4))
+    with torch._inductor.config.patch(NO_CXX), \
+            pytest.warns(UserWarning, match="decoding eagerly") as caught:
+        compiled = generate(model, idx, 6, sampling=GREEDY, compile=True)
+    assert len([w for w in caught if "decoding eagerly" in str(w.message)]) == 1
+    assert torch.equal(compiled, generate(model, idx, 6, sampling=GREEDY))
+    torch.compiler.reset()
+
+
+def test_compiled_capacity_rounds_up_to_a_power_of_two_within_the_block():
+    assert [compiled_capacity(n, 100) for n in (1, 2, 3, 8, 9, 64, 65, 100)] == \
+        [1, 2, 4, 8, 16, 64, 100, 100]
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+def test_compiled_training_step_equals_eager():
+    """The iterated parallel forward and its backward under torch.compile (tracing backend,
+    fullgraph: no graph break in the passes, the RoPE table cache or the input checks) give the
+    eager loss and gradients, for a layout with two iteration groups."""
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    config = LCKVConfig(vocab_size=32, n_layer=4, n_head=2, n_kv_head=1, n_embd=16,
+                        intermediate_size=32, block_size=16,
+                        layer_types=make_layer_types("lasagna-top", 4, n_kv_layers=2))
+    assert len(config.iteration_groups) == 2
+    model = LCKVModel(config).train()
+    x, y = torch.randint(32, (2, 16)), torch.randint(32, (2, 16))
+    grads = []
+    for run in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        model.zero_grad(set_to_none=True)
+        loss = run(x, y)[1]
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l1, g1), (l2, g2) = grads
+    assert torch.allclose(l1, l2, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g1, g2, strict=True))
+
+
+def test_train_compile_without_a_cxx_compiler_warns_and_trains_eagerly(tmp_path, play):
+    from lckv_mini.train import SMOKE, TrainConfig, train
+
+    cfg = TrainConfig(**{**SMOKE, "data": str(play), "tokenizer": "char", "progress": False,
+                         "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
+                         "max_iters": 2, "sample_tokens": 0, "compile": True})
+    with torch._inductor.config.patch(NO_CXX), pytest.warns(UserWarning, match="training eagerly"):
+        summary = train(cfg)
+    assert summary["val_loss"] > 0
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+
+
+def test_the_compiled_benchmark_reports_against_the_limits(tmp_path):
+    from lckv_mini.bench import main
+
+    res = main(["compiled", "--shape", "tiny", "--train-len", "8", "--train-batch", "2",
+                "--compile-steps", "3", "--prompt-len", "4", "--decode-len", "6", "--reps", "1",
+                "--cpu-budget-gib", "0.0005", "--compile-backend", "eager",
+                "--out", str(tmp_path)])["compiled"]
+    assert res["limits"]["matmul_flops"] > 0 and res["limits"]["read_bytes_per_s"] > 0
+    train = {(r["model"], r["kind"]): r for r in res["training"]}
+    assert set(train) == {(m, k) for m in ("standard", "lckv w=2") for k in ("eager", "compiled")}
+    for m in ("standard", "lckv w=2"):
+        c = train[m, "compiled"]
+        assert len(c["losses"]) == 3 and c["max_loss_diff"] < 1e-4  # the same loss curve
+        assert c["of_matmul"] > 0 and "compile_s" in c and "pays_after_steps" in c
+    assert train["lckv w=2", "compiled"]["flop_ratio"] > 1
+    assert all(r["same_tokens"] for r in res["decoding"] if r["kind"] == "compiled")
+    assert all(r["of_bound"] > 0 and r["bound_ms"] > 0 for r in res["decoding"])
+    assert res["transformers"] == {"skipped": "no --model folder given"}
+    assert (tmp_path / "compiled.json").exists()
