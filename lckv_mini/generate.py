@@ -294,18 +294,27 @@ def decode_static(model: LCKVModel, token: Tensor, cache: KVCache, pos: Tensor) 
 _compiled_decode: dict = {}  # backend -> the compiled decode_static
 
 
+class CompileWarning(UserWarning):
+    """torch.compile could not be used here; the eager code ran instead (the tests turn this
+    warning into an error, so that a graph break cannot hide behind the fallback)."""
+
+
+def failure(e: Exception) -> str:
+    """One line saying why torch.compile failed (dynamo wraps the backend's own exception)."""
+    cause = getattr(e, "inner_exception", None) or e
+    return f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
+
+
 def why_inductor_fails(device) -> str | None:
     """None if torch.compile's default backend builds and runs code on `device` here, else why
     not (inductor needs a C++ compiler on CPU, Triton on GPU): found by compiling a one-line
-    function, uncached, so that a run can choose eager before its first step, not crash in it."""
-    import torch._inductor.config  # noqa: F401 (loaded on first use)
-
+    function with inductor's cache off, so that a run can choose eager before its first step
+    instead of stopping in it."""
     try:
-        with torch._inductor.config.patch(fx_graph_cache=False):
-            torch.compile(lambda t: t * 2 + 1)(torch.ones(4, device=device))
-    except torch._dynamo.exc.BackendCompilerFailed as e:
-        cause = getattr(e, "inner_exception", None) or e
-        return f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
+        torch.compile(lambda t: t * 2 + 1, options={"fx_graph_cache": False})(
+            torch.ones(4, device=device))
+    except Exception as e:  # whatever the backend raises, the answer is "not here"
+        return failure(e)
     return None
 
 
@@ -321,8 +330,8 @@ class CompiledDecoder:
     `decode_static` uncompiled: what the compiler is given, for the tests).
 
     Where the backend cannot build the step (inductor without a C++ compiler, for one), it warns
-    once and decodes eagerly: a failed compile happens before the step runs, and the eager step
-    rewrites the same slot, so nothing is lost."""
+    once (`CompileWarning`) and decodes eagerly: a failed compile happens before the step runs,
+    and the eager step rewrites the same slot, so nothing is lost."""
 
     def __init__(self, backend: str | None = "inductor"):
         if backend is None:
@@ -341,12 +350,10 @@ class CompiledDecoder:
         pos = torch.tensor([start], device=token.device)
         try:
             logits = self.step(model, token, cache, pos)
-        except torch._dynamo.exc.BackendCompilerFailed as e:
+        except Exception as e:  # compiling failed: the step did not run, run it eagerly
             self.failed = True
-            cause = getattr(e, "inner_exception", None) or e
-            why = (str(cause).strip().splitlines() or [""])[0][:200]
-            warnings.warn(f"compile=True: torch.compile could not build the decode step on this "
-                          f"machine ({type(cause).__name__}: {why}); decoding eagerly instead",
+            warnings.warn(f"compile=True: torch.compile could not build the decode step here "
+                          f"({failure(e)}); decoding eagerly instead", CompileWarning,
                           stacklevel=3)
             return decode_one_token(model, token, cache)
         for j in cache.layers:

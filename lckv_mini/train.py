@@ -45,7 +45,7 @@ from .data import (
     split,
     tokenize_cached,
 )
-from .generate import Sampling, why_inductor_fails
+from .generate import CompileWarning, Sampling, why_inductor_fails
 from .model import LCKVModel
 from .pretrained import check_init_folder, init_config, init_model, load_tokenizer
 from .sample import sample_text
@@ -410,7 +410,7 @@ def train_loop(cfg: TrainConfig, rank: int, world: int, device: str) -> dict:
             model = torch.compile(model)
         elif master:
             warnings.warn(f"--compile: torch.compile cannot build code on this machine ({why}); "
-                          "training eagerly instead", stacklevel=2)
+                          "training eagerly instead", CompileWarning, stacklevel=2)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model)
     ctx = (torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda"

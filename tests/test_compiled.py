@@ -20,6 +20,7 @@ from lckv_mini.config import LCKVConfig, gemma_layers, make_layer_types
 from lckv_mini.generate import (
     GREEDY,
     CompiledDecoder,
+    CompileWarning,
     KVCache,
     compiled_capacity,
     generate,
@@ -78,6 +79,7 @@ def family_models():
         yield name, LCKVModel(LCKVConfig(**shape, layer_types=lt)).eval()
 
 
+@pytest.mark.filterwarnings("error::lckv_mini.generate.CompileWarning")  # no hidden fallback
 def test_compiled_decoding_gives_the_eager_tokens_on_every_family():
     """torch.compile (tracing backend, fullgraph: a graph break would raise) gives the eager
     greedy tokens for each family, and for LCKV ragged and streaming too; after the first
@@ -91,11 +93,14 @@ def test_compiled_decoding_gives_the_eager_tokens_on_every_family():
             cases += [(ragged, {}), (idx, dict(sink_size=2, window_size=8))]
         for prompts, kw in cases:
             eager = generate(model, prompts, 27, sampling=GREEDY, **kw)
-            # the first run compiles (a cache of 32 slots, positions up to 16); the second must
-            # reuse its graph at every position, the new ones 17-31 included
-            generate(model, prompts, 12, sampling=GREEDY, compile="aot_eager", **kw)
+            # One decode step compiles the graph (at position 5); every later position must
+            # reuse it: a recompile raises, and the raise would surface as a CompileWarning.
+            C = kw["sink_size"] + kw["window_size"] if kw else 32
+            cache = KVCache(model.config, 2, C, sink_size=kw.get("sink_size"))
+            generate(model, prompts, 2, sampling=GREEDY, compile="aot_eager", cache=cache, **kw)
             with torch.compiler.set_stance("fail_on_recompile"):
-                compiled = generate(model, prompts, 27, sampling=GREEDY, compile="aot_eager", **kw)
+                compiled = generate(model, prompts, 27, sampling=GREEDY, compile="aot_eager",
+                                    cache=cache, **kw)
             same = (torch.equal(eager, compiled) if isinstance(eager, torch.Tensor)
                     else all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True)))
             assert same, f"{name} {kw or type(prompts).__name__}: compiled tokens differ"
@@ -109,10 +114,9 @@ def test_inductor_compiles_the_decode_step():
                         intermediate_size=32, block_size=32, layer_types="1_1")
     model = LCKVModel(config).eval()
     idx = torch.randint(32, (1, 4))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)
         compiled = generate(model, idx, 10, sampling=GREEDY, compile=True)
-    assert not [w for w in caught if "decoding eagerly" in str(w.message)]
     assert torch.equal(compiled, generate(model, idx, 10, sampling=GREEDY))
 
 
@@ -128,7 +132,7 @@ def test_without_a_cxx_compiler_decoding_falls_back_with_one_warning():
     model = LCKVModel(config).eval()
     idx = torch.randint(32, (1, 4))
     with torch._inductor.config.patch(NO_CXX), \
-            pytest.warns(UserWarning, match="decoding eagerly") as caught:
+            pytest.warns(CompileWarning, match="decoding eagerly") as caught:
         compiled = generate(model, idx, 6, sampling=GREEDY, compile=True)
     assert len([w for w in caught if "decoding eagerly" in str(w.message)]) == 1
     assert torch.equal(compiled, generate(model, idx, 6, sampling=GREEDY))
@@ -172,7 +176,7 @@ def test_train_compile_without_a_cxx_compiler_warns_and_trains_eagerly(tmp_path,
     cfg = TrainConfig(**{**SMOKE, "data": str(play), "tokenizer": "char", "progress": False,
                          "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
                          "max_iters": 2, "sample_tokens": 0, "compile": True})
-    with torch._inductor.config.patch(NO_CXX), pytest.warns(UserWarning, match="training eagerly"):
+    with torch._inductor.config.patch(NO_CXX), pytest.warns(CompileWarning, match="training eagerly"):
         summary = train(cfg)
     assert summary["val_loss"] > 0
 

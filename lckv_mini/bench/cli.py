@@ -63,6 +63,8 @@ def parse_args(argv=None):
                    "backend (aot_eager traces without generating code: the tests use it)")
     p.add_argument("--model", default=None, help="compiled: a Hugging Face Llama folder, to "
                    "compare with transformers' generate (needs transformers)")
+    p.add_argument("--compiled-parts", nargs="+", default=["train", "decode", "transformers"],
+                   choices=["train", "decode", "transformers"], help="compiled: which parts")
     p.add_argument("--hf-new-tokens", type=int, default=32, help="compiled: tokens generated "
                    "in the transformers comparison")
     p.add_argument("--reps", type=int, default=3)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import warnings
 from dataclasses import replace
 
 import torch
 
-from ..generate import GREEDY, generate
+from ..generate import GREEDY, CompileWarning, compiled_capacity, generate, why_inductor_fails
 from ..model import LCKVModel
 from .common import SHAPES, machine, measure_bandwidth, sync, table, timeit, variants
 from .memory import max_batch
@@ -133,11 +134,16 @@ def bench_decoding(shape, device, P: int, G: int, budget: int, reps: int, bandwi
             compiled_tokens = generate(model, idx, G, sampling=GREEDY, compile=backend)
             first = time.perf_counter() - t0
             same = torch.equal(compiled_tokens, generate(model, idx, G, sampling=GREEDY))
+            # the bound counts the KVs a step needs (the tokens before it, on average P + G/2);
+            # the compiled step reads its whole cache (the capacity), masked: also reported
             bound = (weight_bytes(model) + kv_read_bytes(model, B, P + G // 2)) / bandwidth
+            whole = (weight_bytes(model) + kv_read_bytes(
+                model, B, compiled_capacity(P + G, config.block_size))) / bandwidth
             for kind, kw in (("eager", {}), ("compiled", {"compile": backend})):
                 step = decode_time(model, idx, G, device, reps, **kw)
                 rows.append({"model": name, "batch": B, "kind": kind, "step_ms": 1e3 * step,
                              "bound_ms": 1e3 * bound, "of_bound": step / bound,
+                             "whole_cache_bound_ms": 1e3 * whole,
                              "tokens_per_s": B / step,
                              **({"first_generate_s": first, "same_tokens": same}
                                 if kind == "compiled" else {})})
@@ -189,26 +195,37 @@ def bench_transformers(folder: str, device, G: int, batches=(1, 8), reps: int = 
 
 
 def bench_compiled(args) -> dict:
+    if args.compile_backend == "inductor" and (why := why_inductor_fails(args.device)):
+        raise SystemExit(f"bench compiled: inductor cannot compile on this machine ({why})")
+    with warnings.catch_warnings():  # a silent fallback would time eager code as compiled
+        warnings.simplefilter("error", CompileWarning)
+        return measure_compiled(args)
+
+
+def measure_compiled(args) -> dict:
     device, shape = args.device, SHAPES[args.shape]
     matmul = measure_matmul(device, 1024, torch.float32)
     bandwidth = measure_bandwidth(device, mbytes=256)
     print(f"matmul {matmul / 1e9:.1f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    parts = args.compiled_parts
     train = bench_training(shape, device, args.train_batch, args.train_len, args.compile_steps,
-                           matmul, args.compile_backend)
+                           matmul, args.compile_backend) if "train" in parts else []
     table(train, ["model", "kind", "median_step_s", "first_step_s", "of_matmul", "speedup",
                   "compile_s", "pays_after_steps", "max_loss_diff", "ratio_vs_standard",
                   "flop_ratio"], f"Training step ({args.shape} shape, batch {args.train_batch} "
                                  f"x {args.train_len} tokens), eager vs compiled")
     budget = int(args.cpu_budget_gib * 2**30)
     decode = bench_decoding(shape, device, args.prompt_len, args.decode_len, budget, args.reps,
-                            bandwidth, args.compile_backend)
-    table(decode, ["model", "batch", "kind", "step_ms", "bound_ms", "of_bound", "tokens_per_s",
+                            bandwidth, args.compile_backend) if "decode" in parts else []
+    table(decode, ["model", "batch", "kind", "step_ms", "bound_ms", "whole_cache_bound_ms",
+                   "of_bound", "tokens_per_s",
                    "first_generate_s", "same_tokens"],
           f"Decode step ({args.shape} shape, prompt {args.prompt_len}, {args.decode_len} new "
           f"tokens), against its memory-traffic bound")
     hf = (bench_transformers(args.model, device, args.hf_new_tokens,
-                             backend=args.compile_backend) if args.model
-          else {"skipped": "no --model folder given"})
+                             backend=args.compile_backend)
+          if args.model and "transformers" in parts
+          else {"skipped": "no --model folder given" if not args.model else "not asked for"})
     if "rows" in hf:
         table(hf["rows"], ["batch", "transformers_tokens_per_s", "eager_tokens_per_s",
                            "compiled_tokens_per_s", "eager_vs_transformers",
