@@ -176,7 +176,8 @@ def test_train_compile_without_a_cxx_compiler_warns_and_trains_eagerly(tmp_path,
     cfg = TrainConfig(**{**SMOKE, "data": str(play), "tokenizer": "char", "progress": False,
                          "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
                          "max_iters": 2, "sample_tokens": 0, "compile": True})
-    with torch._inductor.config.patch(NO_CXX), pytest.warns(CompileWarning, match="training eagerly"):
+    with torch._inductor.config.patch(NO_CXX), \
+            pytest.warns(CompileWarning, match="training eagerly"):
         summary = train(cfg)
     assert summary["val_loss"] > 0
 
