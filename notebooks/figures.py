@@ -268,3 +268,116 @@ def gradient_error(bs: list, errors: list, title: str):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook 4
+
+
+def cache_layout(layouts: dict, capacity: int, title: str):
+    """One panel per layout: a row per layer, a cell per token slot of the cache, each cell drawn
+    with its own border. layouts[name] = (kv_sources, cached layers, bytes): a cached layer's
+    cells are filled; a layer without a buffer is a grey band naming the layer it reads."""
+    from matplotlib.patches import Rectangle
+    fig, axes = plt.subplots(1, len(layouts), figsize=(4.4 * len(layouts), 4.2), sharey=True,
+                             squeeze=False)
+    for ax, (name, (sources, cached, nbytes)) in zip(axes[0], layouts.items()):
+        n_layer = len(sources)
+        for i in range(n_layer):
+            if i in cached:
+                for t in range(capacity):
+                    ax.add_patch(Rectangle((t - 0.5, i - 0.4), 1, 0.8, facecolor="C0",
+                                           edgecolor="white", lw=1.2))
+            else:
+                ax.add_patch(Rectangle((-0.5, i - 0.4), capacity, 0.8, facecolor="0.92",
+                                       edgecolor="0.7", lw=0.8))
+                ax.text(capacity / 2 - 0.5, i, f"no buffer: reads layer {sources[i]}",
+                        ha="center", va="center", fontsize=8, color="0.3")
+        ax.set_xlim(-0.7, capacity - 0.3)
+        ax.set_ylim(-0.7, n_layer - 0.3)
+        ax.set_xticks(range(0, capacity, 4 if capacity > 8 else 1))
+        ax.set_yticks(range(n_layer))
+        ax.set_xlabel(f"token slot (one cell = one token's K and V, {capacity} slots)")
+        ax.set_title(f"{name}: {len(cached)} of {n_layer} layers cached\n{nbytes:,} bytes")
+        ax.grid(False)
+    axes[0, 0].set_ylabel("layer")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def grouped_bars(values: dict, groups: list, group_labels: list, ylabel: str, title: str):
+    """values[(name, group)] -> a number; one colour per name, bars grouped by `groups`,
+    each bar labelled with its value; gridlines behind the bars."""
+    names = list(dict.fromkeys(name for name, _ in values))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.set_axisbelow(True)
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        xs = [j + (k - (len(names) - 1) / 2) * width for j in range(len(groups))]
+        bars = ax.bar(xs, [values[name, g] for g in groups], width, label=name,
+                      color=["C7", "C0", "C2", "C1", "C3"][k % 5])
+        ax.bar_label(bars, padding=2)
+    ax.set_xticks(range(len(groups)), group_labels)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.15 * max(values.values()))
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def encoding_passes(passes: list, ms: list, seq_ms: float, error: list, kv_change: list,
+                    stops: dict, cap: int, P: int):
+    """Three panels sharing the passes axis: encoding time; the largest logit error against the
+    sequential computation; the largest KV change made by pass p, with the adaptive encoding's
+    stopping points (stops[tol] -> passes) and the model's own cap m + b shaded beyond."""
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(7.5, 9), sharex=True)
+    ax1.plot(passes, ms, marker="o", label="parallel: p passes over all tokens")
+    ax1.axhline(seq_ms, color="C3", ls="--", label=f"sequential: {P} one-token steps (exact)")
+    ax1.set_ylabel("encoding time (ms, fastest run)")
+    ax1.set_ylim(0, 1.15 * max(max(ms), seq_ms))
+    ax1.set_title(f"Encoding a {P}-token prompt: time, error and KV change against passes")
+    ax1.legend(loc="center left")
+    ax2.semilogy(passes, [max(e, 1e-16) for e in error], marker="o", color="C0",
+                 label="max |logit - sequential logit| over all positions")
+    ax2.set_ylabel("logit error (logit units)")
+    ax2.legend(loc="upper right")
+    ax3.semilogy(passes[1:], kv_change[1:], marker="s", color="C1",
+                 label="max |KV after pass p - KV after pass p-1|")
+    for k, ((tol, p), color) in enumerate(zip(stops.items(), ["C2", "C4", "C5", "C6"])):
+        ax3.axhline(tol, color=color, ls=":", lw=1)
+        # growing rings, so that tolerances stopping at the same pass stay visible
+        ax3.plot([p], [kv_change[p - 1]], marker="o", ms=9 + 5 * k, mfc="none", mec=color, mew=2,
+                 ls="none", label=f"adaptive, tol {tol:g} (dotted): stops after {p} passes")
+    ax3.set_ylabel("KV change (KV units)")
+    ax3.set_xlabel("passes p")
+    legend = ax3.legend(loc="lower left", fontsize=7)
+    for handle in getattr(legend, "legend_handles", None) or legend.legendHandles:
+        handle.set_markersize(8)  # the rings grow on the plot, not in the legend
+    for ax in (ax1, ax2, ax3):
+        ax.axvspan(cap + 0.5, passes[-1] + 0.5, color="0.93", zorder=0)
+        ax.set_xticks(passes)
+    ax1.text(cap + 0.7, ax1.get_ylim()[1] * 0.5,
+             f"shaded: beyond m + b = {cap}\n(the model's own cap)",
+             fontsize=7, va="center", color="0.4")
+    fig.tight_layout()
+    return fig
+
+
+def memory_curves(memory: dict, n_new: int, title: str):
+    """memory[(model, how)] -> bytes in use after each generated token. Plain caches solid and
+    thin, streaming caches dashed, thick and drawn on top (the two coincide until the window
+    fills)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for (name, how), used in memory.items():
+        plain = how == "plain cache"
+        ax.plot(range(1, n_new + 1), [u / 2**10 for u in used],
+                color="C7" if name == "standard" else "C0", ls="-" if plain else "--",
+                lw=1.5 if plain else 2.8, zorder=2 if plain else 3, label=f"{name}, {how}")
+    ax.set_xlabel("generated tokens")
+    ax.set_ylabel("KV cache in use (KiB)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
