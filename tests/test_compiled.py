@@ -106,14 +106,18 @@ def test_compiled_decoding_gives_the_eager_tokens_on_every_family():
             assert same, f"{name} {kw or type(prompts).__name__}: compiled tokens differ"
 
 
-def test_inductor_compiles_the_decode_step():
-    """The real path, once: inductor's kernels give the eager greedy tokens, without a warning."""
+def tiny_model_and_prompt(seed: int):
+    """A 2-layer model (GQA) and a 4-token prompt: what inductor compiles in the suite."""
     torch.compiler.reset()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LCKVConfig(vocab_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=16,
                         intermediate_size=32, block_size=32, layer_types="1_1")
-    model = LCKVModel(config).eval()
-    idx = torch.randint(32, (1, 4))
+    return LCKVModel(config).eval(), torch.randint(32, (1, 4))
+
+
+def test_inductor_compiles_the_decode_step():
+    """The real path, once: inductor's kernels give the eager greedy tokens, without a warning."""
+    model, idx = tiny_model_and_prompt(0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompileWarning)
         compiled = generate(model, idx, 10, sampling=GREEDY, compile=True)
@@ -125,12 +129,7 @@ NO_CXX = {"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}
 
 
 def test_without_a_cxx_compiler_decoding_falls_back_with_one_warning():
-    torch.compiler.reset()
-    torch.manual_seed(1)
-    config = LCKVConfig(vocab_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=16,
-                        intermediate_size=32, block_size=32, layer_types="1_1")
-    model = LCKVModel(config).eval()
-    idx = torch.randint(32, (1, 4))
+    model, idx = tiny_model_and_prompt(1)
     with torch._inductor.config.patch(NO_CXX), \
             pytest.warns(CompileWarning, match="decoding eagerly") as caught:
         compiled = generate(model, idx, 6, sampling=GREEDY, compile=True)
