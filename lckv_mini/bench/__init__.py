@@ -8,6 +8,8 @@
     python -m lckv_mini.bench streaming   # Fig. 5: per-token latency and memory vs cache size
     python -m lckv_mini.bench layouts     # arXiv 2410.14442's nine families: step and prefill
                                           # cost vs FLOPs; fast prefill of YOCO and Gemma
+    python -m lckv_mini.bench quality --out DIR  # the nine families' exact loss at a 2x and a 4x
+                                          # smaller cache, 3 seeds each (about an hour)
     python -m lckv_mini.bench compiled [--model FOLDER]  # eager vs torch.compile, against the
                                           # matmul and memory-traffic limits (and transformers)
     python -m lckv_mini.bench all
@@ -26,6 +28,8 @@ Files, one question each:
                     check's training part (tokens/s, MFU, peak memory)
     layouts.py      the follow-up study's families side by side: training step and prompt
                     encoding against their FLOP counts; fast prefill on and off
+    quality.py      the follow-up study's quality question: the families trained and scored
+                    exactly, run by run (resumable), with the seeds' noise
     compiled.py     eager against torch.compile (training and decoding), the hardware's limits,
                     transformers' generate on a real model
     correctness.py  the GPU check's correctness part: the device against the CPU's answers

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import gpu_check, realmodel
+from . import gpu_check, quality, realmodel
 from .common import SHAPES, machine
 from .compiled import bench_compiled
 from .layouts import bench_layouts
@@ -79,6 +79,8 @@ def main(argv=None) -> dict:
         return gpu_check.main(argv[1:])
     if argv[:1] in (["conversion"], ["continued"]):  # a real model: see realmodel.py
         return realmodel.main(argv[0], argv[1:])
+    if argv[:1] == ["quality"]:  # trains models for an hour: see quality.py
+        return quality.main(argv[1:])
     args = parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
