@@ -235,9 +235,10 @@ def plot_quality(result: dict, path: Path | None = None):
     handles = [Line2D([], [], color="0.45", ls="--", label="standard (mean of seeds)"),
                Patch(color="0.88", label=f"± noise threshold ({band:.3f} nats)"),
                *[Line2D([], [], marker="o", ls="", color=c, label=f"{t} target")
-                 for t, c in color.items()],
-               Line2D([], [], marker="o", ls="", color="0.3", mfc="white",
-                      label="same layout as a family to its left")]
+                 for t, c in color.items()]]
+    if any(r["same_as"] for r in rows):
+        handles.append(Line2D([], [], marker="o", ls="", color="0.3", mfc="white",
+                              label="same layout as a family to its left"))
     fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8, frameon=False)
     fig.suptitle(f"The study's families at toy scale: {recipe['layers']} layers x "
                  f"{recipe['n_embd']}, {recipe['steps']} steps, m={recipe['m']}, "
