@@ -30,9 +30,9 @@ from ..config import PARTITIONS, TARGETS, LCKVConfig, make_layer_types
 from ..data import Tokenizer, atomic_write_bytes, get_batch, read_text, shakespeare_path, split
 from ..model import LCKVModel
 from .common import machine, table
+from .layouts import FAMILIES
 from .realmodel import exact_loss, lr_at, validation_windows
 
-FAMILIES = [f"{p}-{t}" for p in PARTITIONS for t in TARGETS]
 RECIPE = ("layers", "n_embd", "n_head", "seq_len", "batch", "steps", "lr", "warmup", "m", "b",
           "windows")  # what a run's result depends on, besides its layout and seed
 
@@ -148,7 +148,8 @@ def summarise(recipe: dict, runs: list[dict], kv: list[int]) -> dict:
 
 def run_quality(args) -> dict:
     recipe = {k: getattr(args, k) for k in RECIPE}
-    text = read_text(args.data) if args.data else shakespeare_path(args.cache_dir).read_text("utf-8")
+    text = (read_text(args.data) if args.data
+            else shakespeare_path(args.cache_dir).read_text("utf-8"))
     if args.data:  # another text: other results (tiny Shakespeare's recipes stay as they were)
         recipe["data"] = hashlib.sha256(text.encode()).hexdigest()[:16]
     tokenizer = Tokenizer.fit("char", text)
