@@ -293,6 +293,16 @@ def decode_static(model: LCKVModel, token: Tensor, cache: KVCache, pos: Tensor) 
 
 _compiled_decode: dict = {}  # backend -> the compiled decode_static
 
+# Inductor leaves matmuls to the BLAS library, whose one-row products (a batch-1 decode step)
+# read the weights at well under the memory bandwidth on CPUs: 8-12 GB/s on the 2-core test
+# machine, which streams 20-40 GB/s. Inductor's own `decompose_mm_pass` rewrites a one-row
+# matmul whose other sides are at most 2048 as a multiply-and-sum that it compiles into one
+# vectorised loop over the weights: the batch-1 step of the `cpu` shape falls from 8.4 to 4.1
+# ms (docs/benchmarks.md). A head wider than 2048 (SmolLM2's 49,152 words) stays with BLAS, as
+# do batches > 1 (there the pass measured no faster) and GPUs (its GPU rule is for tall, thin
+# products).
+DECODE_INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+
 
 class CompileWarning(UserWarning):
     """torch.compile could not be used here; the eager code ran instead (the tests turn this
@@ -338,8 +348,10 @@ class CompiledDecoder:
             self.step, self.failed = decode_static, False
             return
         if backend not in _compiled_decode:  # one wrapper per backend, reused by every call
+            options = DECODE_INDUCTOR_OPTIONS if backend == "inductor" else None
             _compiled_decode[backend] = torch.compile(decode_static, backend=backend,
-                                                      fullgraph=True, dynamic=False)
+                                                      fullgraph=True, dynamic=False,
+                                                      options=options)
         self.step, self.failed = _compiled_decode[backend], False
 
     @torch.no_grad()
