@@ -2,6 +2,8 @@
 logs and saves is recomputed here by a plain loop, so a bug that only moves numbers around
 (evaluating the wrong split, clipping after the step, decaying the norm gains) shows."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -172,6 +174,29 @@ def test_top_p_reaches_the_sampler(checkpoint):
     # a nucleus this small holds only the most likely token: sampling becomes greedy
     assert sample_main([*args, "--top-p", "1e-6"]) == greedy
     assert sample_main(args) != greedy  # and without it, this temperature does sample
+
+
+def test_compile_reaches_the_decoder(checkpoint, monkeypatch):
+    """`sample --compile` decodes through the compiled step (here the step torch.compile is
+    given, uncompiled, counted: compiling itself is tested in test_compiled.py) and gives the
+    eager text."""
+    G = importlib.import_module("lckv_mini.generate")  # the module, not the function
+    calls = []
+
+    class Counted(G.CompiledDecoder):
+        def __init__(self, backend):
+            assert backend == "inductor"  # what --compile asks for
+            super().__init__(None)
+
+        def __call__(self, *args):
+            calls.append(1)
+            return super().__call__(*args)
+
+    monkeypatch.setattr(G, "CompiledDecoder", Counted)
+    args = ["--checkpoint", str(checkpoint), "--prompt", "ab", "--max-new-tokens", "12",
+            "--temperature", "0", "--device", "cpu"]
+    assert sample_main([*args, "--compile"]) == sample_main(args)
+    assert len(calls) == 11  # every step after the prompt's
 
 
 # -- the token cache -------------------------------------------------------------------------------
