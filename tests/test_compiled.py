@@ -12,10 +12,10 @@ import warnings
 import pytest
 import torch
 import torch._inductor.config
-from torch._dynamo.utils import counters
 from conftest import configs, random_model, random_tokens, record, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._dynamo.utils import counters
 
 from lckv_mini.config import LCKVConfig, gemma_layers, make_layer_types
 from lckv_mini.generate import (
