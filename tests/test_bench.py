@@ -158,3 +158,11 @@ def test_training_flops_without_the_wasted_work():
     # passes 1..7 without gradient (cost 1), 8 and 9 with (cost 3); pass 9 is the last
     lean = once + first + 6 * middle + 3 * middle + 3 * last
     assert training_flops(config, T, m, b) == lean < full
+
+
+def test_a_table_with_no_rows_prints_its_header(capsys):
+    """`bench compiled --compiled-parts train` prints the parts it skipped as empty tables."""
+    from lckv_mini.bench.common import table
+
+    table([], ["model", "step_ms"], "Decode step")
+    assert capsys.readouterr().out.split("\n")[1:3] == ["Decode step", "model  step_ms"]

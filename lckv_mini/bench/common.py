@@ -166,7 +166,7 @@ def table(rows: list[dict], cols: list[str], title: str) -> None:
         return str(v)
 
     cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     print(f"\n{title}")
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     for row in cells:
