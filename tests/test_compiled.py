@@ -107,6 +107,31 @@ def test_compiled_decoding_gives_the_eager_tokens_on_every_family():
             assert same, f"{name} {kw or type(prompts).__name__}: compiled tokens differ"
 
 
+@pytest.mark.filterwarnings("error::lckv_mini.generate.CompileWarning")
+def test_models_that_differ_only_in_structure_each_get_their_own_graph():
+    """After its first step a generation skips dynamo's guards (only those that told graphs
+    apart before run), which is safe only because the first step of every generation checks
+    them all. Two layouts with the same KV layers, hence the same parameters and cache, differ
+    only in which cached layer layer 2 reads (a Python int): each, run again after the other,
+    must still get its own graph and its eager tokens."""
+    torch.compiler.reset()
+    idx = torch.randint(32, (1, 4), generator=torch.Generator().manual_seed(0))
+    models = []
+    for layer_types in ("0_1_3_3", "0_1_1_3"):
+        torch.manual_seed(0)  # the same weights: only the structure tells them apart
+        config = LCKVConfig(vocab_size=32, n_layer=4, n_head=2, n_kv_head=1, n_embd=16,
+                            intermediate_size=32, block_size=32, layer_types=layer_types)
+        models.append(LCKVModel(config).eval())
+    def logits(model, **kw):
+        return torch.stack([lg for _, lg in generate_stream(model, idx, 12, sampling=GREEDY,
+                                                             **kw)])
+
+    eager = [logits(m) for m in models]
+    assert (eager[0] - eager[1]).abs().max() > 1e-2  # the structures compute different things
+    for m, want in [*zip(models, eager), *zip(models, eager)]:  # A, B, then A, B again
+        torch.testing.assert_close(logits(m, compile="aot_eager"), want, rtol=1e-5, atol=1e-6)
+
+
 def tiny_model_and_prompt(seed: int):
     """A 2-layer model (GQA) and a 4-token prompt: what inductor compiles in the suite."""
     torch.compiler.reset()
