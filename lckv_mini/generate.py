@@ -265,30 +265,39 @@ def decode_one_token(model: LCKVModel, token: Tensor, cache: KVCache) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Compiled decoding (gpt-fast's recipe): static shapes, so torch.compile builds one graph for a
-# (model, batch, capacity) and every position reuses it. `decode_one_token` stays the reference.
+# Compiled decoding (gpt-fast's recipe, with one dynamic size): torch.compile builds one graph
+# for a (model, batch, capacity) and every position reuses it. `decode_one_token` stays the
+# reference.
 
 
 class CacheSlot:
     """A KVCache as the compiled decode step sees it: the new token's KVs land at slot `pos`, a
-    (1,) tensor (a number would be baked into the graph), and a read returns a layer's whole
-    preallocated buffer. The slots past the query's position hold zeros or stale KVs; the causal
-    mask in `attention` hides them, which is what makes the shapes static."""
+    (1,) tensor (a number would be baked into the graph), and a read returns the first
+    `visible.size(0)` slots (pos + 1: the tokens so far and the new one). That size is the one
+    dynamic dimension of the graph (`CompiledDecoder` marks it), so one graph serves every
+    position and attention reads only the slots written so far; the causal mask in `attention`
+    does the rest (padding, the masked diagonal). gpt-fast reads the whole buffer behind a mask
+    instead, which keeps every shape static but made large batches decode slower than eager
+    here: at batch 65 most of a step is attention, over 3x the keys it needs."""
 
-    def __init__(self, cache: KVCache, pos: Tensor):
+    def __init__(self, cache: KVCache, pos: Tensor, visible: Tensor):
         self.cache, self.seq_len, self.pad = cache, pos, cache.pad
+        self.n = visible.size(0)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         self.cache.k[layer].index_copy_(2, self.seq_len, k)
         self.cache.v[layer].index_copy_(2, self.seq_len, v)
 
     def read(self, layer: int) -> tuple[Tensor, Tensor]:
-        return self.cache.k[layer], self.cache.v[layer]
+        return self.cache.k[layer][:, :, :self.n], self.cache.v[layer][:, :, :self.n]
 
 
-def decode_static(model: LCKVModel, token: Tensor, cache: KVCache, pos: Tensor) -> Tensor:
-    """`decode_one_token` with static shapes, for torch.compile: the token at position pos."""
-    return model.head(model.step(model.embed(token), CacheSlot(cache, pos)))[:, -1]
+def decode_static(model: LCKVModel, token: Tensor, cache: KVCache, pos: Tensor,
+                  visible: Tensor) -> Tensor:
+    """`decode_one_token` in the form torch.compile is given: the token at position pos (a (1,)
+    tensor), reading the first visible.size(0) = pos + 1 slots of the cache (only the size of
+    `visible` is used: a size can be a symbolic dimension, a Python int would be baked in)."""
+    return model.head(model.step(model.embed(token), CacheSlot(cache, pos, visible)))[:, -1]
 
 
 _compiled_decode: dict = {}  # backend -> the compiled decode_static
@@ -345,7 +354,7 @@ class CompiledDecoder:
 
     def __init__(self, backend: str | None = "inductor"):
         if backend is None:
-            self.step, self.failed, self.warm = decode_static, False, False
+            self.step, self.failed, self.checked = decode_static, False, None
             return
         if backend not in _compiled_decode:  # one wrapper per backend, reused by every call
             options = DECODE_INDUCTOR_OPTIONS if backend == "inductor" else None
@@ -353,7 +362,7 @@ class CompiledDecoder:
                                                       fullgraph=True, dynamic=False,
                                                       options=options)
         self.step, self.failed = _compiled_decode[backend], False
-        self.warm = False
+        self.checked = None  # the kind of step (whole cache read or not) last fully checked
 
     @torch.no_grad()
     def __call__(self, model: LCKVModel, token: Tensor, cache: KVCache) -> Tensor:
@@ -361,17 +370,23 @@ class CompiledDecoder:
             return decode_one_token(model, token, cache)
         start = cache.seq_len
         pos = torch.tensor([start], device=token.device)
+        visible = torch.empty(start + 1, dtype=torch.bool, device=token.device)
+        # Reading the whole buffer (a streaming cache, once full) is a shape of its own for
+        # torch.compile (the read is then contiguous): a second graph, with that size static.
+        whole = start + 1 == cache.capacity
+        if not whole:
+            torch._dynamo.mark_dynamic(visible, 0)  # one graph for every length, not one each
         try:
-            if self.warm:
+            if self.checked == whole:
                 # Checking dynamo's guards costs ~0.4 ms a step (a tenth of a batch-1 step of
-                # the `cpu` shape). After the first step of a generation checked them all,
-                # the later steps see the same model, cache and shapes; only the guards that
-                # once told two graphs apart are checked, and a needed recompile raises
+                # the `cpu` shape). Once a step of this generation checked them all, the later
+                # steps of the same kind see the same model, cache and shapes: only the guards
+                # that once told two graphs apart are checked, and a needed recompile raises
                 # instead of running (and lands in the fallback below, warned).
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    logits = self.step(model, token, cache, pos)
+                    logits = self.step(model, token, cache, pos, visible)
             else:
-                logits = self.step(model, token, cache, pos)
+                logits = self.step(model, token, cache, pos, visible)
         except Exception as e:  # compiling failed: the step did not run, run it eagerly
             self.failed = True
             warnings.warn(f"compile=True: torch.compile could not build the decode step here "
@@ -380,7 +395,7 @@ class CompiledDecoder:
             return decode_one_token(model, token, cache)
         for j in cache.layers:
             cache.length[j] = start + 1
-        self.warm = True
+        self.checked = whole
         return logits
 
 

@@ -59,8 +59,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, q_start: int, mask_diagonal: b
     and only p - p' < window with a sliding window. pad (B,): row b's first pad[b] positions are
     left padding, invisible as keys. The one rule for a query that sees no key (token 0 with the
     diagonal masked, or a padding position): its output is exactly zero, never NaN.
-    q_start may be a (1,) tensor: the compiled decode step attends over the whole preallocated
-    cache, whose slots past the query's position the causal mask hides (as in gpt-fast).
+    q_start may be a (1,) tensor: the compiled decode step's position, known only when it runs
+    (Tk is then a symbolic size; the mask below does the same work either way).
     """
     B, nh, Tq, hs = q.shape
     Tk = k.size(2)

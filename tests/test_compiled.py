@@ -1,8 +1,10 @@
-"""Compiled decoding (issue 18): the static-shape decode step equals the eager one, compiles
-without graph breaks, compiles once for every position, and falls back when it cannot compile.
+"""Compiled decoding (issue 18): the decode step torch.compile is given equals the eager one,
+compiles without graph breaks, compiles once for every position, and falls back when it cannot
+compile.
 
-The exactness of the static step (the whole preallocated cache behind a position mask, the RoPE
-angle gathered by a position tensor, stale slots from an earlier generation) is checked
+The exactness of that step (the position a tensor, the cache read to a symbolic length behind
+the causal mask, the RoPE angle gathered by the position, stale slots from an earlier
+generation) is checked
 uncompiled in float64 over random layouts; torch.compile itself is checked with the tracing-only
 backend on every family and once with inductor, on tiny models (compiling is slow here)."""
 
@@ -96,9 +98,13 @@ def test_compiled_decoding_gives_the_eager_tokens_on_every_family():
             eager = generate(model, prompts, 27, sampling=GREEDY, **kw)
             # One decode step compiles the graph (at position 5); every later position must
             # reuse it: a recompile raises, and the raise would surface as a CompileWarning.
+            # Streaming has a second graph, for the steps that read the whole (full) cache:
+            # its warm-up runs until the cache is full.
             C = kw["sink_size"] + kw["window_size"] if kw else 32
             cache = KVCache(model.config, 2, C, sink_size=kw.get("sink_size"))
-            generate(model, prompts, 2, sampling=GREEDY, compile="aot_eager", cache=cache, **kw)
+            warm_up = C - idx.size(1) + 2 if kw else 2
+            generate(model, prompts, warm_up, sampling=GREEDY, compile="aot_eager", cache=cache,
+                     **kw)
             with torch.compiler.set_stance("fail_on_recompile"):
                 compiled = generate(model, prompts, 27, sampling=GREEDY, compile="aot_eager",
                                     cache=cache, **kw)
