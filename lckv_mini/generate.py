@@ -303,10 +303,10 @@ def decode_static(model: LCKVModel, token: Tensor, cache: KVCache, pos: Tensor,
 _compiled_decode: dict = {}  # backend -> the compiled decode_static
 
 # Inductor leaves matmuls to the BLAS library, whose one-row products (a batch-1 decode step)
-# read the weights at well under the memory bandwidth on CPUs: 8-12 GB/s on the 2-core test
-# machine, which streams 20-40 GB/s. Inductor's own `decompose_mm_pass` rewrites a one-row
-# matmul whose other sides are at most 2048 as a multiply-and-sum that it compiles into one
-# vectorised loop over the weights: the batch-1 step of the `cpu` shape falls from 8.4 to 4.1
+# read the weights at well under the memory bandwidth on CPUs: 5-8 GB/s on the 2-core test
+# machine, whose large reads run at 20-34 GB/s. Inductor's own `decompose_mm_pass` rewrites a
+# one-row matmul whose other sides are at most 2048 as a multiply-and-sum that it compiles into
+# one vectorised loop over the weights: the batch-1 step of the `cpu` shape falls from 8.4 to 4.1
 # ms (docs/benchmarks.md). A head wider than 2048 (SmolLM2's 49,152 words) stays with BLAS, as
 # do batches > 1 (there the pass measured no faster) and GPUs (its GPU rule is for tall, thin
 # products).
@@ -350,7 +350,8 @@ class CompiledDecoder:
 
     Where the backend cannot build the step (inductor without a C++ compiler, for one), it warns
     once (`CompileWarning`) and decodes eagerly: a failed compile happens before the step runs,
-    and the eager step rewrites the same slot, so nothing is lost."""
+    and the eager step rewrites the same slot, so nothing is lost. One instance serves one
+    generation (one model and cache): `generate_stream` makes a new one for each."""
 
     def __init__(self, backend: str | None = "inductor"):
         if backend is None:
@@ -358,6 +359,8 @@ class CompiledDecoder:
             return
         if backend not in _compiled_decode:  # one wrapper per backend, reused by every call
             options = DECODE_INDUCTOR_OPTIONS if backend == "inductor" else None
+            # dynamic=False: no size turns dynamic by itself (so a full streaming read stays a
+            # static graph of its own); the one marked in __call__ is dynamic from the start
             _compiled_decode[backend] = torch.compile(decode_static, backend=backend,
                                                       fullgraph=True, dynamic=False,
                                                       options=options)
@@ -377,15 +380,22 @@ class CompiledDecoder:
         if not whole:
             torch._dynamo.mark_dynamic(visible, 0)  # one graph for every length, not one each
         try:
+            logits = None
             if self.checked == whole:
                 # Checking dynamo's guards costs ~0.4 ms a step (a tenth of a batch-1 step of
                 # the `cpu` shape). Once a step of this generation checked them all, the later
-                # steps of the same kind see the same model, cache and shapes: only the guards
-                # that once told two graphs apart are checked, and a needed recompile raises
-                # instead of running (and lands in the fallback below, warned).
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    logits = self.step(model, token, cache, pos, visible)
-            else:
+                # steps of the same kind see the same model, cache and tensor shapes (only the
+                # marked length grows, within the range the first step checked): only the
+                # guards that once told two graphs apart are checked. Where that is not enough
+                # (a recompile would be needed; a torch without this stance; a caller's own
+                # stance, which this one replaces) the call raises before running anything, and
+                # the step runs again with every guard checked, under the caller's stance.
+                try:
+                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                        logits = self.step(model, token, cache, pos, visible)
+                except Exception:
+                    logits = None
+            if logits is None:
                 logits = self.step(model, token, cache, pos, visible)
         except Exception as e:  # compiling failed: the step did not run, run it eagerly
             self.failed = True

@@ -2,11 +2,11 @@
 compiles without graph breaks, compiles once for every position, and falls back when it cannot
 compile.
 
-The exactness of that step (the position a tensor, the cache read to a symbolic length behind
-the causal mask, the RoPE angle gathered by the position, stale slots from an earlier
-generation) is checked
-uncompiled in float64 over random layouts; torch.compile itself is checked with the tracing-only
-backend on every family and once with inductor, on tiny models (compiling is slow here)."""
+The exactness of that step (the position a tensor, the cache read up to the position behind
+the causal mask (a symbolic size once compiled), the RoPE angle gathered by the position, stale
+slots from an earlier generation) is checked uncompiled in float64 over random layouts;
+torch.compile itself is checked with the tracing-only backend on every family and once with
+inductor, on tiny models (compiling is slow here)."""
 
 import importlib
 import warnings
@@ -199,7 +199,8 @@ def test_compiled_training_step_equals_eager():
     x, y = torch.randint(32, (2, 16)), torch.randint(32, (2, 16))
     grads = []
     compiled = compile_for_training(model, "aot_eager", fullgraph=True)
-    for run in (compiled, model):  # compiled first: the RoPE table is not built yet
+    # compiled first: an eager call first would build the RoPE table and hide a second compile
+    for run in (compiled, model):
         model.zero_grad(set_to_none=True)
         loss = run(x, y)[1]
         loss.backward()
