@@ -367,6 +367,20 @@ class CompiledDecoder:
         self.step, self.failed = _compiled_decode[backend], False
         self.checked = None  # the kind of step (whole cache read or not) last fully checked
 
+    def step_checking_fewer_guards(self, *args) -> Tensor | None:
+        """The step, checking only the dynamo guards that once told two graphs apart, or None
+        where that is not enough. Checking them all costs ~0.4 ms a step (a tenth of a batch-1
+        step of the `cpu` shape); once a step of this generation has, the later steps of the
+        same kind see the same model, cache and tensor shapes (only the marked length grows,
+        within the range that step checked). Where a recompile would be needed, this torch has
+        no such stance, or the caller set a stance of its own (which this one replaces), the
+        call raises before running anything, and the caller runs the step with every guard."""
+        try:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self.step(*args)
+        except Exception:
+            return None
+
     @torch.no_grad()
     def __call__(self, model: LCKVModel, token: Tensor, cache: KVCache) -> Tensor:
         if self.failed:
@@ -379,24 +393,11 @@ class CompiledDecoder:
         whole = start + 1 == cache.capacity
         if not whole:
             torch._dynamo.mark_dynamic(visible, 0)  # one graph for every length, not one each
+        args = (model, token, cache, pos, visible)
         try:
-            logits = None
-            if self.checked == whole:
-                # Checking dynamo's guards costs ~0.4 ms a step (a tenth of a batch-1 step of
-                # the `cpu` shape). Once a step of this generation checked them all, the later
-                # steps of the same kind see the same model, cache and tensor shapes (only the
-                # marked length grows, within the range the first step checked): only the
-                # guards that once told two graphs apart are checked. Where that is not enough
-                # (a recompile would be needed; a torch without this stance; a caller's own
-                # stance, which this one replaces) the call raises before running anything, and
-                # the step runs again with every guard checked, under the caller's stance.
-                try:
-                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                        logits = self.step(model, token, cache, pos, visible)
-                except Exception:
-                    logits = None
+            logits = self.step_checking_fewer_guards(*args) if self.checked == whole else None
             if logits is None:
-                logits = self.step(model, token, cache, pos, visible)
+                logits = self.step(*args)
         except Exception as e:  # compiling failed: the step did not run, run it eagerly
             self.failed = True
             warnings.warn(f"compile=True: torch.compile could not build the decode step here "
