@@ -302,33 +302,15 @@ def decode_static(model: LCKVModel, token: Tensor, cache: KVCache, pos: Tensor,
 
 _compiled_decode: dict = {}  # backend -> the compiled decode_static
 
-# Inductor leaves matmuls to the BLAS library, whose products with few rows (a decode step at a
-# small batch) read the weights at well under the memory bandwidth on CPUs: 5-9 GB/s on the
-# 2-core test machine, whose large reads run at 20-34 GB/s. Inductor's own `decompose_mm_pass`
-# rewrites a matmul with at most DECOMPOSE["cpu_max_first_dimension_decomposition"] rows and
-# other sides of at most 2048 as a multiply-and-sum, which it compiles into vectorised loops
-# over the weights: the batch-1 step of the `cpu` shape falls from 8.4 to 4.1 ms, batch-8
-# generation on SmolLM2-135M runs ~1.2x faster (docs/benchmarks.md). Beyond 8 rows the loops
-# measured no faster than BLAS; a head wider than 2048 (SmolLM2's 49,152 words) stays with BLAS
-# (decomposed, it is faster at one row but slower at eight); GPUs have their own rule (for
-# tall, thin products).
-DECOMPOSE = {"cpu_max_first_dimension_decomposition": 8,
-             "cpu_max_other_dimension_decomposition": 2048}
-DECODE_INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": DECOMPOSE}}
-
-
-def set_decompose_thresholds():
-    """Make inductor's decompose_mm_pass use DECOMPOSE. The pass reads its thresholds from
-    inductor's config once, when the process first compiles anything, into module globals;
-    options given to torch.compile later (ours) reach the cache key but not the pass. So the
-    globals are set here too (they matter only to compiles that enable the pass, which by
-    default none does); a torch that renamed them keeps its defaults (one row), and the suite's
-    count of decomposed products at batch 2 fails."""
-    # imported here: importing inductor costs seconds that eager decoding need not pay
-    from torch._inductor.fx_passes import decompose_mem_bound_mm
-    for name, value in DECOMPOSE.items():
-        if hasattr(decompose_mem_bound_mm, name):
-            setattr(decompose_mem_bound_mm, name, value)
+# Inductor leaves matmuls to the BLAS library, whose one-row products (a batch-1 decode step)
+# read the weights at well under the memory bandwidth on CPUs: 5-8 GB/s on the 2-core test
+# machine, whose large reads run at 20-34 GB/s. Inductor's own `decompose_mm_pass` rewrites a
+# one-row matmul whose other sides are at most 2048 as a multiply-and-sum that it compiles into
+# one vectorised loop over the weights: the batch-1 step of the `cpu` shape falls from 8.4 to 4.1
+# ms (docs/benchmarks.md). A head wider than 2048 (SmolLM2's 49,152 words) stays with BLAS, as
+# do batches > 1 (there the pass measured no faster) and GPUs (its GPU rule is for tall, thin
+# products).
+DECODE_INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
 class CompileWarning(UserWarning):
@@ -376,10 +358,7 @@ class CompiledDecoder:
             self.step, self.failed, self.checked = decode_static, False, None
             return
         if backend not in _compiled_decode:  # one wrapper per backend, reused by every call
-            options = None
-            if backend == "inductor":
-                options = DECODE_INDUCTOR_OPTIONS
-                set_decompose_thresholds()
+            options = DECODE_INDUCTOR_OPTIONS if backend == "inductor" else None
             # dynamic=False: no size turns dynamic by itself (so a full streaming read stays a
             # static graph of its own); the one marked in __call__ is dynamic from the start
             _compiled_decode[backend] = torch.compile(decode_static, backend=backend,
