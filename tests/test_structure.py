@@ -109,6 +109,12 @@ def test_no_module_uses_another_modules_underscore_names():
             if isinstance(node, ast.ImportFrom) and node.level:
                 offences += [f"{path.name}: imports {a.name}" for a in node.names
                              if a.name.startswith("_")]
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
+                modules = ([node.module] if isinstance(node, ast.ImportFrom)
+                           else [a.name for a in node.names])
+                offences += [f"{path.name}:{node.lineno}: imports {m}" for m in modules
+                             if any(p.startswith("_") and not p.startswith("__")
+                                    for p in m.split("."))]
             if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
                     and not node.attr.startswith("__")
                     and not (isinstance(node.value, ast.Name)
