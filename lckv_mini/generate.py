@@ -324,6 +324,20 @@ def failure(e: Exception) -> str:
     return f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
 
 
+def fallback_message(e: Exception) -> str:
+    """The warning of a compiled decode step that fell back to eager, saying why."""
+    why = failure(e)
+    if why.startswith("FailOnRecompileLimitHit"):
+        # every model layout, batch size and cache capacity decoded in this process is a graph
+        # of the one compiled decode_static, and dynamo keeps a fixed number of them
+        return ("compile=True: the compiled decode step has as many graphs as torch.compile "
+                "keeps for one function (dynamo's recompile_limit, 8 by default: one per model "
+                "layout, batch size and cache capacity decoded in this process); decoding "
+                "eagerly instead. torch.compiler.reset() discards the graphs")
+    return (f"compile=True: torch.compile could not build the decode step here ({why}); "
+            f"decoding eagerly instead")
+
+
 def why_inductor_fails(device) -> str | None:
     """None if torch.compile's default backend builds and runs code on `device` here, else why
     not (inductor needs a C++ compiler on CPU, Triton on GPU): found by compiling a one-line
@@ -400,9 +414,7 @@ class CompiledDecoder:
                 logits = self.step(*args)
         except Exception as e:  # compiling failed: the step did not run, run it eagerly
             self.failed = True
-            warnings.warn(f"compile=True: torch.compile could not build the decode step here "
-                          f"({failure(e)}); decoding eagerly instead", CompileWarning,
-                          stacklevel=3)
+            warnings.warn(fallback_message(e), CompileWarning, stacklevel=3)
             return decode_one_token(model, token, cache)
         for j in cache.layers:
             cache.length[j] = start + 1

@@ -177,6 +177,21 @@ def test_without_a_cxx_compiler_decoding_falls_back_with_one_warning():
     torch.compiler.reset()
 
 
+def test_past_dynamos_graph_limit_decoding_falls_back_saying_so():
+    """Each batch size is a graph of the one compiled step; once dynamo's limit is reached the
+    next batch decodes eagerly, with the eager tokens and a warning that names the limit and
+    the way out (not "could not build")."""
+    model, idx = tiny_model_and_prompt(2)
+    with torch._dynamo.config.patch(recompile_limit=1):  # the limit lowered: one graph
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompileWarning)
+            generate(model, idx, 3, sampling=GREEDY, compile="aot_eager")
+        with pytest.warns(CompileWarning, match=r"recompile_limit.*torch\.compiler\.reset"):
+            compiled = generate(model, idx.repeat(2, 1), 3, sampling=GREEDY, compile="aot_eager")
+    assert torch.equal(compiled, generate(model, idx.repeat(2, 1), 3, sampling=GREEDY))
+    torch.compiler.reset()
+
+
 def test_compiled_capacity_rounds_up_to_a_power_of_two_within_the_block():
     assert [compiled_capacity(n, 100) for n in (1, 2, 3, 8, 9, 64, 65, 100)] == \
         [1, 2, 4, 8, 16, 64, 100, 100]
