@@ -9,6 +9,7 @@ torch.compile itself is checked with the tracing-only backend on every family an
 inductor, on tiny models (compiling is slow here)."""
 
 import importlib
+import shutil
 import warnings
 
 import pytest
@@ -148,6 +149,8 @@ def tiny_model_and_prompt(seed: int):
     return LCKVModel(config).eval(), torch.randint(32, (1, 4))
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor needs a C++ compiler on a CPU; none is on PATH")
 def test_inductor_compiles_the_decode_step():
     """The real path, once: inductor's kernels give the eager greedy tokens, without a warning,
     and its one-row matmuls become its own loops instead of BLAS calls (the batch-1 speed-up;
