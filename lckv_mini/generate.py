@@ -307,9 +307,10 @@ _compiled_decode: dict = {}  # backend -> the compiled decode_static
 # machine, whose large reads run at 20-34 GB/s. Inductor's own `decompose_mm_pass` rewrites a
 # one-row matmul whose other sides are at most 2048 as a multiply-and-sum that it compiles into
 # one vectorised loop over the weights: the batch-1 step of the `cpu` shape falls from 8.4 to 4.1
-# ms (docs/benchmarks.md). A head wider than 2048 (SmolLM2's 49,152 words) stays with BLAS, as
-# do batches > 1 (there the pass measured no faster) and GPUs (its GPU rule is for tall, thin
-# products).
+# ms (docs/benchmarks.md). A head wider than 2048 (SmolLM2's 49,152-token vocabulary) stays
+# with BLAS, as do batches > 1 (there the pass measured no faster) and GPUs (its GPU rule is for
+# tall, thin products). The pass's limits cannot be changed here: it copies them from inductor's
+# config when first imported, before any options given to torch.compile apply.
 DECODE_INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
@@ -383,12 +384,14 @@ class CompiledDecoder:
 
     def step_checking_fewer_guards(self, *args) -> Tensor | None:
         """The step, checking only the dynamo guards that once told two graphs apart, or None
-        where that is not enough. Checking them all costs ~0.4 ms a step (a tenth of a batch-1
+        where that is not enough. Checking them all costs ~0.4 ms a step (a seventh of a batch-1
         step of the `cpu` shape); once a step of this generation has, the later steps of the
         same kind see the same model, cache and tensor shapes (only the marked length grows,
-        within the range that step checked). Where a recompile would be needed, this torch has
-        no such stance, or the caller set a stance of its own (which this one replaces), the
-        call raises before running anything, and the caller runs the step with every guard."""
+        within the range that step checked). Where a recompile would be needed, or this torch
+        has no such stance, the call raises before running anything, and the caller runs the
+        step with every guard under its own stance (which this one replaces for the step: a
+        caller's "fail_on_recompile" still fails, since the recompile is tried again under it;
+        an existing graph still runs under a caller's "force_eager")."""
         try:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return self.step(*args)
