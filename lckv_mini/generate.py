@@ -516,7 +516,8 @@ def generate(model: LCKVModel, prompts, max_new_tokens: int, *,
     tokens and the latest ones, so memory is flat and generation may run past block_size.
     compile: True (inductor) or a torch.compile backend's name: decode through torch.compile
     (`CompiledDecoder`; the first call for a model, batch and cache size compiles, seconds to
-    minutes; greedy tokens are the eager ones).
+    minutes; the logits may differ from the eager ones in the last bits, so the greedy tokens
+    match except, in principle, at a near-tie).
     The model runs in eval mode (no dropout) and gets its mode back afterwards.
     Returns (B, P + n) tokens for a tensor, or a list of 1-D tensors (each prompt and its
     continuation) for a list.
